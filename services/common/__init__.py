@@ -1,0 +1,1 @@
+"""Shared core of roadlabel: types, errors, model cards. Depends on numpy and pydantic only."""
