@@ -1,0 +1,1 @@
+"""Multi-object tracking: a norfair adapter that fills ``track_id`` in ``Detections``; pure CPU, no I/O."""
