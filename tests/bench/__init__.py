@@ -1,0 +1,1 @@
+"""Benchmarks: frames per second for each pipeline stage on the synthetic clip (``make bench``)."""
