@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -314,7 +315,7 @@ def _format_line(path: Path, class_id: int, name: str, confidence: float, unknow
             "path": str(path),
             "class_id": class_id,
             "class_name": name,
-            "confidence": round(confidence, 4),
+            "confidence": round(confidence, 4) if math.isfinite(confidence) else None,  # NaN is not JSON
             "unknown": unknown,
         }
         return json.dumps(record, ensure_ascii=False) + "\n"

@@ -10,15 +10,6 @@ import pytest
 from services.common import log
 
 
-@pytest.fixture
-def restore_root_logger():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.mark.usefixtures("restore_root_logger")
 def test_json_lines_on_stderr(capsys):
     log.setup("INFO")

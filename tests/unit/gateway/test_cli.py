@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,15 +15,8 @@ from services.classifier.api import decide
 from services.classifier.onnx import OnnxClassifier
 from services.common.images import load_image
 
-
-@pytest.fixture(autouse=True)
-def restore_root_logger():
-    """main() installs a log handler on the root logger; keep it from leaking into other tests."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
+# main() installs a log handler on the root logger; keep it from leaking into other tests.
+pytestmark = pytest.mark.usefixtures("restore_root_logger")
 
 
 def write_image(path: Path, seed: int, size: tuple[int, int] = (30, 40)) -> Path:
@@ -196,3 +189,19 @@ def test_train_classifier_is_wired(capsys):
         main(["train", "classifier", "--help"])
     assert exc_info.value.code == 0
     assert capsys.readouterr().out.startswith("usage: roadlabel train classifier")
+
+
+def test_progress_bar_only_on_a_terminal(capsys, monkeypatch, images, tiny_classifier_path):
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    broken = images[1].parent / "broken.png"
+    broken.write_bytes(b"")
+    folder = images[1].parents[1]
+    code, out, err = run(capsys, "classify", "--model", str(tiny_classifier_path), str(folder))
+    assert code == EXIT_INPUT_ERRORS
+    assert len(out.splitlines()) == len(images) - 1
+    assert "6/6" in err  # tqdm drew its bar on stderr: 5 images and the broken file
+    assert f"roadlabel: {broken}: expected a PNG/JPEG/PPM image, got 0 bytes" in err
+    # --json output is for machines: no bar even on a terminal.
+    code, _, err = run(capsys, "classify", "--json", "--model", str(tiny_classifier_path), str(images[0]))
+    assert code == EXIT_OK
+    assert err == ""
