@@ -216,7 +216,15 @@ def _run_classify(args: argparse.Namespace) -> int:
                 _say(sys.stderr, message)
 
         try:
-            failed += _classify_files(classifier, files, args, report, bar.update)
+            failed += _classify_files(
+                classifier,
+                files,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                as_json=args.json,
+                report=report,
+                advance=bar.update,
+            )
         except ModelError as exc:
             report(f"roadlabel: {exc}")
             return EXIT_MODEL_ERROR
@@ -231,11 +239,17 @@ def _run_classify(args: argparse.Namespace) -> int:
 def _classify_files(
     classifier: Classifier,
     files: Sequence[Path],
-    args: argparse.Namespace,
+    *,
+    batch_size: int,
+    workers: int,
+    as_json: bool,
     report: Callable[[str], None],
     advance: Callable[[int], object],
 ) -> int:
-    """Decode ``files`` in a thread pool, classify them in batches, print one line each; return the failure count."""
+    """Decode ``files`` in a thread pool, classify them in batches, print one line each; return the failure count.
+
+    ``report`` gets one message per unreadable file; ``advance`` the number of files done, for a progress bar.
+    """
     card = classifier.card
     batch_paths: list[Path] = []
     batch_crops: list[np.ndarray] = []
@@ -245,7 +259,7 @@ def _classify_files(
         decisions = decide(classifier.classify(batch_crops), card)
         names = decisions.class_names(card)
         lines = [
-            _format_line(path, int(class_id), name, float(confidence), bool(unknown), as_json=args.json)
+            _format_line(path, int(class_id), name, float(confidence), bool(unknown), as_json=as_json)
             for path, class_id, name, confidence, unknown in zip(
                 batch_paths, decisions.class_id, names, decisions.confidence, decisions.unknown, strict=True
             )
@@ -256,7 +270,7 @@ def _classify_files(
         batch_paths.clear()
         batch_crops.clear()
 
-    for path, crop in _decode_in_order(files, card.input_hw, workers=args.workers, ahead=2 * args.batch_size):
+    for path, crop in _decode_in_order(files, card.input_hw, workers=workers, ahead=2 * batch_size):
         if isinstance(crop, UnreadableImage):
             report(f"roadlabel: {crop}")
             failed += 1
@@ -264,7 +278,7 @@ def _classify_files(
             continue
         batch_paths.append(path)
         batch_crops.append(crop)
-        if len(batch_crops) == args.batch_size:
+        if len(batch_crops) == batch_size:
             flush()
     if batch_crops:
         flush()
