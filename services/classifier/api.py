@@ -15,6 +15,7 @@ import numpy as np
 from services.common.classes import UNKNOWN
 from services.common.errors import InputError
 from services.common.modelcard import ModelCard
+from services.common.types import require_column
 
 __all__ = ["Classifier", "Decisions", "calibrated_log_probs", "decide"]
 
@@ -55,15 +56,10 @@ class Decisions:
     unknown: np.ndarray
 
     def __post_init__(self) -> None:
-        for name, col, dtype in (
-            ("class_id", self.class_id, np.int16),
-            ("confidence", self.confidence, np.float32),
-            ("unknown", self.unknown, np.bool_),
-        ):
-            if col.shape != self.class_id.shape or col.ndim != 1 or col.dtype != dtype:
-                raise InputError(
-                    f"{name}: expected ({len(self.class_id)},) {np.dtype(dtype)}, got {col.shape} {col.dtype}"
-                )
+        n = require_column("class_id", self.class_id, (None,), np.int16)
+        require_column("confidence", self.confidence, (n,), np.float32)
+        require_column("unknown", self.unknown, (n,), np.bool_)
+        for col in (self.class_id, self.confidence, self.unknown):
             col.flags.writeable = False
 
     def __len__(self) -> int:

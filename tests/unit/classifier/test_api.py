@@ -101,7 +101,7 @@ def test_decide_validates_input(lp, expectation):
 
 
 def test_decisions_columns_are_validated_and_read_only():
-    with pytest.raises(InputError, match=r"confidence: expected \(2,\) float32, got \(2,\) float64"):
+    with pytest.raises(InputError, match=r"confidence: expected \(2\) float32, got \(2,\) float64"):
         Decisions(np.zeros(2, np.int16), np.zeros(2), np.zeros(2, bool))
     decisions = Decisions(np.zeros(2, np.int16), np.zeros(2, np.float32), np.zeros(2, bool))
     with pytest.raises(ValueError, match="read-only"):
