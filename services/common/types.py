@@ -96,9 +96,9 @@ class Detections:
             require_column("track_id", self.track_id, (n,), np.int64)
         for name, col in self.extra.items():
             require_column(f"extra[{name!r}]", col, (n,), None, trailing_ok=True)
-        for col in (self.xyxy, self.score, self.class_id, self.track_id, *self.extra.values()):
-            if col is not None:
-                col.flags.writeable = False
+        for column in (self.xyxy, self.score, self.class_id, self.track_id, *self.extra.values()):
+            if column is not None:
+                column.flags.writeable = False
 
     @classmethod
     def empty(cls, frame: FrameRef) -> Detections:
