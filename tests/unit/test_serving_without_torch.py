@@ -1,12 +1,15 @@
 """The serving path imports with torch absent (STYLE.md section 1).
 
 import-linter checks packages that must never import torch. The classifier's serving modules and the gateway sit
-next to torch-using code (``train/``, an optional torch backend), so they are checked here instead: each module is
-imported in a fresh interpreter in which every ``import torch`` fails as if torch were not installed.
+next to torch-using code (``train/``, an optional torch backend), and a chain through a train/ package is hidden
+from it, so every module of services, gateway and tracking outside the training code is checked here instead: each
+is imported in a fresh interpreter in which every ``import torch`` fails as if torch were not installed.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import subprocess
 import sys
@@ -16,26 +19,47 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
-# Every module of services.common, whatever files it gains later.
-COMMON_MODULES = tuple(
-    ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
-    for path in sorted((REPO_ROOT / "services" / "common").rglob("*.py"))
+# Packages allowed to import torch: training code and the torch-only backbones it uses.
+TORCH_PACKAGES = ("services.backbones", "services.classifier.train", "services.detector.train")
+# Single modules allowed to import torch (an optional torch backend, say). Empty so far.
+TORCH_MODULES: tuple[str, ...] = ()
+
+
+def _module_name(path: Path) -> str:
+    return ".".join(path.relative_to(REPO_ROOT).with_suffix("").parts).removesuffix(".__init__")
+
+
+def _allowed_torch(module: str) -> bool:
+    return module in TORCH_MODULES or any(module == pkg or module.startswith(pkg + ".") for pkg in TORCH_PACKAGES)
+
+
+# Every module of the serving packages, whatever files they gain later.
+DISCOVERED = tuple(
+    name
+    for top in ("services", "gateway", "tracking")
+    for name in sorted(_module_name(path) for path in (REPO_ROOT / top).rglob("*.py"))
+    if not _allowed_torch(name)
 )
 
-# The rest of the serving path. These must exist: a missing one fails the test rather than being skipped.
-SERVING_MODULES = (
-    *COMMON_MODULES,
+# The serving path named explicitly as well: these must exist, and a missing one fails rather than being skipped.
+REQUIRED = (
+    "services.common.errors",
     "services.classifier.api",
     "services.classifier.onnx",
     "services.classifier.preprocess",
     "gateway.cli",
 )
+SERVING_MODULES = tuple(dict.fromkeys((*REQUIRED, *DISCOVERED)))
 
-# Runs in the child interpreter: torch and its submodules raise ModuleNotFoundError, as on a serving install.
+# Runs in the child interpreter: torch and its submodules raise ModuleNotFoundError, as on a serving install. Prints
+# a JSON object {module: traceback or null}. One interpreter for all modules keeps the test fast; a module whose
+# import needs torch fails however many modules were imported before it.
 _IMPORT_WITHOUT_TORCH = """
 import importlib
 import importlib.abc
+import json
 import sys
+import traceback
 
 
 class _NoTorch(importlib.abc.MetaPathFinder):
@@ -46,39 +70,53 @@ class _NoTorch(importlib.abc.MetaPathFinder):
 
 
 sys.meta_path.insert(0, _NoTorch())
-importlib.import_module(sys.argv[1])
-leaked = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
-if leaked:
-    raise SystemExit(f"torch modules were imported: {leaked}")
+results = {}
+for name in sys.argv[1:]:
+    try:
+        importlib.import_module(name)
+        results[name] = None
+    except BaseException:
+        results[name] = traceback.format_exc()
+sys.stdout.write(json.dumps(results))
 """
 
 
-def _import_without_torch(module: str) -> subprocess.CompletedProcess[str]:
+def _import_without_torch(*modules: str) -> dict[str, str | None]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run(
-        [sys.executable, "-c", _IMPORT_WITHOUT_TORCH, module],
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_WITHOUT_TORCH, *modules],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         check=False,
     )
+    if proc.returncode != 0:
+        pytest.fail(f"the import child exited {proc.returncode}:\n{proc.stderr}", pytrace=False)
+    results: dict[str, str | None] = json.loads(proc.stdout)
+    return results
 
 
-def test_common_modules_found():
-    assert "services.common.errors" in COMMON_MODULES
+@functools.cache
+def _serving_results() -> dict[str, str | None]:
+    return _import_without_torch(*SERVING_MODULES)
+
+
+def test_discovery_finds_common_and_skips_training():
+    assert "services.common.modelcard" in DISCOVERED
+    assert not [name for name in DISCOVERED if name.startswith("services.backbones")]
 
 
 @pytest.mark.parametrize("module", SERVING_MODULES)
 def test_serving_module_imports_without_torch(module):
-    proc = _import_without_torch(module)
-    if proc.returncode != 0:
-        pytest.fail(f"importing {module} with torch absent failed:\n{proc.stderr}", pytrace=False)
+    error = _serving_results()[module]
+    if error is not None:
+        pytest.fail(f"importing {module} with torch absent failed:\n{error}", pytrace=False)
 
 
 def test_torch_is_blocked():
     """The blocker works: a module that imports torch at the top fails to import."""
-    proc = _import_without_torch("services.backbones.mobilenet_v2")
-    assert proc.returncode != 0
-    assert "No module named 'torch'" in proc.stderr
+    error = _import_without_torch("services.backbones.mobilenet_v2")["services.backbones.mobilenet_v2"]
+    assert error is not None
+    assert "No module named 'torch'" in error
