@@ -33,12 +33,13 @@ def _allowed_torch(module: str) -> bool:
     return module in TORCH_MODULES or any(module == pkg or module.startswith(pkg + ".") for pkg in TORCH_PACKAGES)
 
 
-# Every module of the serving packages, whatever files they gain later.
+# Every module of the serving packages, whatever files they gain later. A ``__main__`` module runs its program when
+# imported, so it is left out.
 DISCOVERED = tuple(
     name
     for top in ("services", "gateway", "tracking")
     for name in sorted(_module_name(path) for path in (REPO_ROOT / top).rglob("*.py"))
-    if not _allowed_torch(name)
+    if not _allowed_torch(name) and not name.endswith(".__main__")
 )
 
 # The serving path named explicitly as well: these must exist, and a missing one fails rather than being skipped.
