@@ -53,7 +53,11 @@ def bench_classifier(rounds: int, seconds: float) -> None:
     varied = [rng.integers(0, 255, (int(s), int(s), 3), dtype=np.uint8) for s in rng.integers(20, 120, 64)]
     cases: dict[str, Callable[[], int]] = {}
     for b, batch in crops.items():
-        cases[f"onnxruntime b={b}"] = lambda batch=batch: len(onnx.classify(list(batch)))
+
+        def run_onnx(batch: np.ndarray = batch) -> int:
+            return len(onnx.classify(list(batch)))
+
+        cases[f"onnxruntime b={b}"] = run_onnx
     cases["onnxruntime b=64 (crops 20-120 px, resize included)"] = lambda: len(onnx.classify(varied))
     try:
         import torch
@@ -77,8 +81,8 @@ def bench_classifier(rounds: int, seconds: float) -> None:
         pass
     rates = _interleaved(cases, rounds, seconds)
     for name, rate in rates.items():
-        b = name.split("b=")[1].split()[0]
-        base = rates.get(f"torch eager b={b}")
+        batch_label = name.split("b=")[1].split()[0]
+        base = rates.get(f"torch eager b={batch_label}")
         f"{rate / base:.2f}x" if base else "-"
     rates["onnxruntime b=64"]
 

@@ -11,7 +11,8 @@ def log_softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """(N, K) logits -> (N, K) float64 log-probabilities of ``softmax(logits / temperature)``."""
     z = logits.astype(np.float64) / temperature
     z -= z.max(axis=1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    out: np.ndarray = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    return out
 
 
 def _nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
@@ -52,10 +53,9 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_steps=args.max_steps,
     )
-    bars: dict[str, tqdm[None]] = {}
+    bars: dict[str, tqdm[Any]] = {}
 
     def on_event(event: TrainEvent) -> None:
-        bar = bars.get(event.stage.split(":")[0])
         if event.stage == "epoch":
             f = event.figures
             tqdm.write(
@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
             )
             return
         key = event.stage.split(":")[0]
-        if bar is None or (event.stage.startswith("load") and bar.desc != event.stage):
+        bar = bars.get(key)
+        if bar is None or bar.desc != event.stage:
             if bar is not None:
                 bar.close()
             bar = bars[key] = tqdm(total=event.total, desc=event.stage, unit="step" if key == "train" else "img")

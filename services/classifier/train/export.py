@@ -35,7 +35,7 @@ def export_onnx(
         torch.onnx.export(
             model,
             (example,),
-            buf,
+            buf,  # type: ignore[arg-type]  # torch's stub omits file objects, which export accepts
             dynamo=False,
             input_names=[input_name],
             output_names=[output_name],

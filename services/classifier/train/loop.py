@@ -159,7 +159,8 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         on_progress=lambda stage, done, total: emit(TrainEvent(f"load:{stage}", done, total)),
     )
     num_classes = BACKGROUND_CLASS + 1
-    model = build_model(num_classes).to(device).to(memory_format=torch.channels_last)
+    model = build_model(num_classes).to(device)
+    model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
     ema = deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -264,7 +265,10 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         reject_threshold=threshold,
         onnx_sha256=sha,
         training_data_sha256=data_sha256([settings.data, *settings.background]),
-        training=json.loads(settings.model_dump_json()) | {"augment": asdict(aug), "torch": torch.__version__},
+        # Through JSON, so the card in memory equals the card read back from disk (tuples become lists).
+        training=json.loads(
+            json.dumps(json.loads(settings.model_dump_json()) | {"augment": asdict(aug), "torch": torch.__version__})
+        ),
         metrics=metrics,
         extra={"created": created.isoformat(), "train_size": len(train_set), "val_split": "by GTSRB track / by scene"},
     )

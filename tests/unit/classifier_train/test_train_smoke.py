@@ -12,7 +12,7 @@ import torch
 
 from services.backbones.mobilenet_v2 import MobileNetV2, load_imagenet_weights
 from services.classifier.train.export import export_onnx
-from services.classifier.train.loop import TrainSettings, train_classifier
+from services.classifier.train.loop import TrainEvent, TrainSettings, train_classifier
 from services.common.modelcard import file_sha256, load_card
 
 
@@ -26,7 +26,7 @@ def test_imagenet_weights_load_and_bad_sha256_is_refused(tmp_path: Path) -> None
 
 
 def test_training_run_writes_a_consistent_model(gtsrb_dir: Path, gtsdb_dir: Path, tmp_path: Path) -> None:
-    events = []
+    events: list[TrainEvent] = []
     settings = TrainSettings(
         data=gtsrb_dir,
         background=(gtsdb_dir,),
