@@ -99,6 +99,9 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_classify(commands)
+    from gateway import detect_cli  # here, not at the top: detect_cli imports this module's exit codes
+
+    detect_cli.add_commands(commands)  # detect, eval detector
     # The training code is imported only for a train command: classify must not depend on it (nor on torch).
     _add_train(commands, load="train" in argv)
     return parser
