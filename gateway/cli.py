@@ -157,6 +157,7 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], *,
     train = commands.add_parser("train", help="train a model (needs the train extra: pip install roadlabel[train])")
     models = train.add_subparsers(dest="model_kind", required=True, metavar="MODEL")
     classifier = models.add_parser("classifier", help="train the sign classifier")
+    detector = models.add_parser("detector", help="train the sign detector")
     if not load:
         return
     try:
@@ -165,9 +166,17 @@ def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], *,
     except ImportError as exc:
         classifier.add_argument("train_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         classifier.set_defaults(run=functools.partial(_training_unavailable, exc))
-        return
-    train_cli.add_arguments(classifier)
-    classifier.set_defaults(run=train_cli.run)
+    else:
+        train_cli.add_arguments(classifier)
+        classifier.set_defaults(run=train_cli.run)
+    try:
+        from services.detector.train import cli as detector_cli
+    except ImportError as exc:
+        detector.add_argument("train_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        detector.set_defaults(run=functools.partial(_training_unavailable, exc))
+    else:
+        detector_cli.add_arguments(detector)
+        detector.set_defaults(run=detector_cli.run)
 
 
 def _training_unavailable(exc: ImportError, _args: argparse.Namespace) -> int:
