@@ -23,6 +23,12 @@ if str(ROOT) not in sys.path:
 from services.classifier.models import default_classifier_path  # noqa: E402
 from services.classifier.onnx import OnnxClassifier  # noqa: E402
 from services.classifier.preprocess import normalize  # noqa: E402
+from services.common.modelcard import card_path_for, load_card  # noqa: E402
+from services.common.types import Frame, FrameRef  # noqa: E402
+from services.detector.api import DetectorSettings  # noqa: E402
+from services.detector.models import default_detector_path  # noqa: E402
+from services.detector.onnx import OnnxDetector  # noqa: E402
+from services.detector.postprocess import letterbox  # noqa: E402
 
 
 def _rate(fn: Callable[[], int], min_seconds: float) -> float:
@@ -87,12 +93,72 @@ def bench_classifier(rounds: int, seconds: float) -> None:
     rates["onnxruntime b=64"]
 
 
+def _road_like_frames(n: int, hw: tuple[int, int], seed: int = 0) -> list[np.ndarray]:
+    """(h, w, 3) uint8 frames with smooth gradients, some edges and noise: closer to JPEG-decoded scenes than noise."""
+    rng = np.random.default_rng(seed)
+    h, w = hw
+    yy, xx = np.mgrid[:h, :w].astype(np.float32)
+    frames = []
+    for _ in range(n):
+        base = 90 + 60 * np.sin(xx / rng.uniform(40, 200)) * np.cos(yy / rng.uniform(40, 200))
+        image = np.stack([base + rng.uniform(-30, 30) for _ in range(3)], axis=2)
+        for _ in range(12):  # a few sign-sized patches
+            x, y, s = int(rng.integers(0, w - 64)), int(rng.integers(0, h - 64)), int(rng.integers(16, 64))
+            image[y : y + s, x : x + s] = rng.uniform(0, 255, 3)
+        image += rng.normal(0, 6, image.shape)
+        frames.append(np.clip(image, 0, 255).astype(np.uint8))
+    return frames
+
+
+def bench_detector(rounds: int, seconds: float) -> None:
+    """Frames/s of the ONNX Runtime detector on 1280x720 frames at batch 1 and 8, next to letterboxing alone.
+
+    Each detector figure includes letterboxing (resize + normalise), the model and decoding; the letterbox-only
+    figures show how much of that is preprocessing.
+    """
+    out = sys.stdout
+    model_path = Path(os.environ.get("ROADLABEL_DETECTOR_MODEL", default_detector_path()))
+    if not model_path.is_file():
+        out.write(f"detector bench skipped: no trained model committed ({model_path} does not exist)\n")
+        return
+    card = load_card(card_path_for(model_path))
+    images = _road_like_frames(8, (720, 1280))
+    frames = [Frame(FrameRef("bench", i, i / 25), image) for i, image in enumerate(images)]
+    cases: dict[str, Callable[[], int]] = {}
+    for b in (1, 8):
+        detector = OnnxDetector(model_path, settings=DetectorSettings(batch_size=b))
+        buffer = np.empty((b, 3, *card.input_hw), np.float32)
+
+        def run_detect(detector: OnnxDetector = detector, b: int = b) -> int:
+            return len(detector.detect(frames[:b]))
+
+        def run_letterbox(b: int = b, buffer: np.ndarray = buffer) -> int:
+            batch, _ = letterbox(images[:b], card.input_hw, card.mean, card.std, out=buffer)
+            return len(batch)
+
+        cases[f"onnxruntime b={b} (letterbox + model + decode)"] = run_detect
+        cases[f"letterbox only b={b}"] = run_letterbox
+    rates = _interleaved(cases, rounds, seconds)
+    h, w = card.input_hw
+    out.write(f"detector {card.name} {card.version}: 1280x720 frames -> {w}x{h} input, median of {rounds} rounds\n")
+    for b in (1, 8):
+        full, pre = rates[f"onnxruntime b={b} (letterbox + model + decode)"], rates[f"letterbox only b={b}"]
+        out.write(
+            f"  b={b}: {full:7.1f} frames/s end to end; letterbox alone {pre:7.1f} frames/s "
+            f"({100 * full / pre:.0f} % of each frame's time)\n"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per round per case")
+    parser.add_argument("--only", choices=["classifier", "detector"], help="run one bench (default: both)")
     args = parser.parse_args(argv)
-    bench_classifier(args.rounds, args.seconds)
+    if args.only != "detector":
+        bench_classifier(args.rounds, args.seconds)
+    if args.only != "classifier":
+        bench_detector(args.rounds, args.seconds)
     return 0
 
 
