@@ -1,0 +1,101 @@
+"""``roadlabel train detector``: arguments and the run, with a tqdm bar and per-epoch validation lines.
+
+This module imports no torch at import time, so ``roadlabel --help`` works on a serving install.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Never
+
+__all__ = ["add_arguments", "run"]
+
+
+def _hw(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 576x1024, got {text!r}") from None
+    return h, w
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the detector training options to ``parser``."""
+    parser.add_argument("--data", type=Path, required=True, help="GTSDB training folder (gt.txt + scenes)")
+    parser.add_argument(
+        "--gtsrb", type=Path, default=None, help="GTSRB training folder (000NN/GT-000NN.csv): signs to copy-paste"
+    )
+    parser.add_argument("--out", type=Path, required=True, help="output folder for detector.onnx and its card")
+    parser.add_argument("--epochs", type=int, default=None, help="default: 60 on a GPU, 30 on a CPU")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--input-hw", type=_hw, default=(576, 1024), metavar="HxW", help="inference input size")
+    parser.add_argument("--crop-size", type=int, default=384, help="square training crops (pixels)")
+    parser.add_argument("--val-images", type=int, default=90)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train and print per-epoch validation figures; return the exit code."""
+    import torch  # noqa: PLC0415 - training-only dependency, kept out of the serving import path
+    from tqdm import tqdm  # noqa: PLC0415
+
+    from services.detector.train.loop import TrainEvent, TrainSettings, train_detector  # noqa: PLC0415
+
+    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    settings = TrainSettings(
+        data=args.data,
+        gtsrb=args.gtsrb,
+        out=args.out,
+        input_hw=args.input_hw,
+        crop_size=args.crop_size,
+        epochs=args.epochs or (60 if on_gpu else 30),
+        batch_size=args.batch_size,
+        lr=args.lr,
+        val_images=args.val_images,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        max_steps=args.max_steps,
+    )
+    bars: dict[str, tqdm[Never]] = {}
+
+    def on_event(event: TrainEvent) -> None:
+        if event.stage == "epoch":
+            f = event.figures
+            tqdm.write(
+                f"epoch {event.done}/{event.total}: loss {f['train_total']:.3f} (heat {f['train_heat']:.3f} "
+                f"size {f['train_size']:.3f} giou {f['train_giou']:.3f}) | val AP50 {f['val_ap50']:.4f} "
+                f"best F1 {f['val_best_f1']:.3f} at {f['val_threshold']:.2f}: recall {f['val_recall']:.3f}, "
+                f"{f['val_fp_per_image']:.3f} FP/img | {f['seconds']:.0f} s",
+                file=sys.stderr,
+            )
+            return
+        key = "load" if event.stage.startswith("load") else event.stage
+        bar = bars.get(key)
+        if bar is None or (key in ("load", "val") and (bar.desc != event.stage or event.done < bar.n)):
+            if bar is not None:
+                bar.close()
+            unit = "step" if key == "train" else "img"
+            leave = key not in ("val", "load")
+            bar = bars[key] = tqdm(total=event.total, desc=event.stage, unit=unit, leave=leave, file=sys.stderr)
+        bar.n = event.done
+        if "loss" in event.figures:
+            bar.set_postfix(epoch=int(event.figures["epoch"]), loss=f"{event.figures['loss']:.3f}", refresh=False)
+        bar.refresh()
+
+    result = train_detector(settings, on_event)
+    for bar in bars.values():
+        bar.close()
+    m = result.card.metrics
+    sys.stdout.write(
+        f"wrote {result.model_path} ({result.card.version}): val AP50 {m['val_ap50']:.4f} on {m['val_images']} "
+        f"images / {m['val_boxes']} signs; at score >= {result.card.extra['score_threshold']:.3f}: recall "
+        f"{m['val_recall']:.4f}, {m['val_fp_per_image']:.3f} FP/image; {m['train_seconds']:.0f} s\n"
+    )
+    return 0
