@@ -277,3 +277,20 @@ def test_classify_detections_one_call_rows_aligned(make_tiny_classifier):
 def test_two_stage_settings_reject_unknown_keys():
     with pytest.raises(ValueError, match="Extra inputs"):
         TwoStageSettings(crop_marign=0.2)  # type: ignore[call-arg]
+
+
+def test_huge_image(capsys, tmp_path, scene, models):
+    # 8000 px wide: letterboxed at scale 96/8000 (Pillow shrinks by an integer factor first), crops are slices.
+    path = tmp_path / "wide.png"
+    Image.fromarray(scene((600, 8000), [(2000, 0, 500)])).save(path, compress_level=1)
+    code, out, _ = run(capsys, "detect", "--json", "--score-threshold", "0.3", *models, str(path))
+    assert code == EXIT_OK
+    record = json.loads(out)
+    assert (record["width"], record["height"]) == (8000, 600)
+    assert record["detections"]
+    for det in record["detections"]:
+        x1, y1, x2, y2 = det["xyxy"]
+        # The box overlaps the square (one 8 px cell of the network is 667 px of this image).
+        assert x1 < 2500
+        assert x2 > 2000
+        assert 0 <= y1 < y2 <= 600
