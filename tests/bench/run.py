@@ -58,6 +58,7 @@ def bench_classifier(rounds: int, seconds: float) -> None:
     crops = {b: rng.integers(0, 255, (b, h, w, 3), dtype=np.uint8) for b in (1, 64)}
     varied = [rng.integers(0, 255, (int(s), int(s), 3), dtype=np.uint8) for s in rng.integers(20, 120, 64)]
     cases: dict[str, Callable[[], int]] = {}
+    torch_note = ""
     for b, batch in crops.items():
 
         def run_onnx(batch: np.ndarray = batch) -> int:
@@ -84,13 +85,19 @@ def bench_classifier(rounds: int, seconds: float) -> None:
 
             cases[f"torch eager b={b}"] = run_torch
     except ImportError:
-        pass
+        torch_note = " (torch not installed: no torch baseline)"
     rates = _interleaved(cases, rounds, seconds)
+    out = sys.stdout
+    out.write(f"\n== classifier {card.name} {card.version}: {h}x{w} input, {os.cpu_count()} CPUs, ")
+    out.write(f"median of {rounds} rounds{torch_note}\n")
+    out.write(f"{'case':<55} {'crops/s':>10} {'vs torch eager':>15}\n")
     for name, rate in rates.items():
         batch_label = name.split("b=")[1].split()[0]
         base = rates.get(f"torch eager b={batch_label}")
-        f"{rate / base:.2f}x" if base else "-"
-    rates["onnxruntime b=64"]
+        ratio = f"{rate / base:.2f}x" if base else "-"
+        out.write(f"{name:<55} {rate:>10.0f} {ratio:>15}\n")
+    goal = rates["onnxruntime b=64"]
+    out.write(f"goal: >= 2000 crops/s at batch 64 -> {goal:.0f} crops/s ({'met' if goal >= 2000 else 'NOT met'})\n")
 
 
 def _road_like_frames(n: int, hw: tuple[int, int], seed: int = 0) -> list[np.ndarray]:

@@ -24,7 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="GTSDB folder (gt.txt + scenes) or folder of not-a-sign crops; repeatable",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder for classifier.onnx and its card")
-    parser.add_argument("--epochs", type=int, default=None, help="default: 30 on a GPU, 10 on a CPU (about 30 min on 2 cores)")
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="default: 30 on a GPU, 10 on a CPU (~30 min on 2 cores)"
+    )
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--input-size", type=int, default=64)
