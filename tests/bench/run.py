@@ -89,7 +89,7 @@ def bench_classifier(rounds: int, seconds: float) -> None:
     rates = _interleaved(cases, rounds, seconds)
     out = sys.stdout
     out.write(f"\n== classifier {card.name} {card.version}: {h}x{w} input, {os.cpu_count()} CPUs, ")
-    out.write(f"median of {rounds} rounds{torch_note}\n")
+    out.write(f"median of {rounds} rounds, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}{torch_note}\n")
     out.write(f"{'case':<55} {'crops/s':>10} {'vs torch eager':>15}\n")
     for name, rate in rates.items():
         batch_label = name.split("b=")[1].split()[0]
@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=1.0, help="time per round per case")
     parser.add_argument("--only", choices=["classifier", "detector"], help="run one bench (default: both)")
     args = parser.parse_args(argv)
+    # torch's OpenMP workers busy-wait after each call by default; interleaved with ONNX Runtime on 2 cores they
+    # would take the cores ONNX Runtime needs and make every figure meaningless. Set before torch loads libgomp.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if args.only != "detector":
         bench_classifier(args.rounds, args.seconds)
     if args.only != "classifier":
