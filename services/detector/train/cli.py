@@ -31,12 +31,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: 60 on a GPU, 30 on a CPU")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--input-hw", type=_hw, default=(576, 1024), metavar="HxW", help="inference input size")
+    parser.add_argument(
+        "--input-hw",
+        type=_hw,
+        default=None,
+        metavar="HxW",
+        help="inference input size, multiples of 32 (default: 576x1024; with --export-only, the checkpoint's)",
+    )
     parser.add_argument("--crop-size", type=int, default=384, help="square training crops (pixels)")
     parser.add_argument("--val-images", type=int, default=90)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: one per core)")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="training arithmetic (default: bf16 on CUDA and on CPUs with native bf16, else fp32)",
+    )
+    parser.add_argument(
+        "--export-only",
+        type=Path,
+        default=None,
+        metavar="CHECKPOINT",
+        help="do not train: export this checkpoint.pt at --input-hw, with threshold and metrics measured on its "
+        "validation split of --data",
+    )
     parser.add_argument("--max-steps", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -45,23 +65,33 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415 - training-only dependency, kept out of the serving import path
     from tqdm import tqdm  # noqa: PLC0415
 
-    from services.detector.train.loop import TrainEvent, TrainSettings, train_detector  # noqa: PLC0415
+    from services.detector.train.loop import (  # noqa: PLC0415
+        TrainEvent,
+        TrainSettings,
+        export_checkpoint,
+        train_detector,
+    )
 
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
-    settings = TrainSettings(
-        data=args.data,
-        gtsrb=args.gtsrb,
-        out=args.out,
-        input_hw=args.input_hw,
-        crop_size=args.crop_size,
-        epochs=args.epochs or (60 if on_gpu else 30),
-        batch_size=args.batch_size,
-        lr=args.lr,
-        val_images=args.val_images,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        max_steps=args.max_steps,
+    settings = (
+        None
+        if args.export_only
+        else TrainSettings(
+            data=args.data,
+            gtsrb=args.gtsrb,
+            out=args.out,
+            input_hw=args.input_hw or (576, 1024),
+            crop_size=args.crop_size,
+            epochs=args.epochs or (60 if on_gpu else 30),
+            batch_size=args.batch_size,
+            lr=args.lr,
+            val_images=args.val_images,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+            precision=args.precision,
+            max_steps=args.max_steps,
+        )
     )
     bars: dict[str, tqdm[Never]] = {}
 
@@ -76,6 +106,12 @@ def run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return
+        if event.stage == "export":
+            if event.done == 0:
+                tqdm.write(
+                    "choosing the threshold on val, exporting ONNX and checking it against torch", file=sys.stderr
+                )
+            return
         key = "load" if event.stage.startswith("load") else event.stage
         bar = bars.get(key)
         if bar is None or (key in ("load", "val") and (bar.desc != event.stage or event.done < bar.n)):
@@ -89,7 +125,12 @@ def run(args: argparse.Namespace) -> int:
             bar.set_postfix(epoch=int(event.figures["epoch"]), loss=f"{event.figures['loss']:.3f}", refresh=False)
         bar.refresh()
 
-    result = train_detector(settings, on_event)
+    if settings is None:
+        result = export_checkpoint(
+            args.export_only, data=args.data, out=args.out, input_hw=args.input_hw, on_event=on_event
+        )
+    else:
+        result = train_detector(settings, on_event)
     for bar in bars.values():
         bar.close()
     m = result.card.metrics

@@ -31,7 +31,7 @@ from torch import nn
 
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
 from services.common.errors import InputError
-from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256
+from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256, load_card
 from services.detector.train.augment import AugmentSettings, CropBatch, CropSampler
 from services.detector.train.data import (
     SceneSet,
@@ -50,8 +50,8 @@ from services.detector.train.evaluate import (
     match_detections,
     operating_point_at,
 )
-from services.detector.train.export import export_onnx
-from services.detector.train.model import STRIDE, SignDetectorInference, SignDetectorNet, build_model
+from services.detector.train.export import INPUT_NAME, OUTPUT_NAMES, export_onnx
+from services.detector.train.model import STRIDE, SignDetectorInference, SignDetectorNet, build_model, load_checkpoint
 from services.detector.train.targets import encode_targets
 
 __all__ = [
@@ -60,8 +60,10 @@ __all__ = [
     "TrainEvent",
     "TrainResult",
     "TrainSettings",
+    "MIN_BOX_FRAME_PX",
     "detection_loss",
     "evaluate_model",
+    "export_checkpoint",
     "train_detector",
 ]
 
@@ -70,6 +72,9 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "detector.onnx"
 CARD_FILE = "detector.card.json"
 _FROZEN_FEATURES = 4  # MobileNetV2 stem + first blocks (strides 2 and 4): generic edges, 27% of the MACs
+MIN_BOX_FRAME_PX = 10.0
+"""Card ``extra["min_box_px"]``: boxes with a side below this many frame pixels are dropped when decoding. GTSDB's
+smallest sign is 16 px; crops trained signs down to 8 network pixels, i.e. ~11 frame pixels at 1360x800."""
 
 
 class TrainSettings(BaseModel):
@@ -87,7 +92,7 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(16, ge=2)
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
-    ema_decay: float = Field(0.998, ge=0, lt=1)
+    ema_decay: float = Field(0.995, ge=0, lt=1)
     giou_weight: float = Field(1.0, ge=0)
     val_images: int = Field(90, ge=1)
     max_fp_per_image: float | None = Field(
@@ -98,6 +103,9 @@ class TrainSettings(BaseModel):
     max_detections: int = Field(100, ge=1)
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="training forward/backward; auto: bf16 on CUDA and on CPUs with native bf16, else fp32"
+    )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: one per core")
     max_steps: int | None = Field(None, ge=1, description="stop each epoch after this many steps (smoke tests)")
 
@@ -304,6 +312,69 @@ def _set_train_mode(net: SignDetectorNet) -> None:
         layer.eval()  # frozen BatchNorm statistics as well as weights
 
 
+def _precision(device: torch.device, choice: str) -> str:
+    """'bf16' or 'fp32'. auto: bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16 / AMX: 1.3x per step here)."""
+    if choice != "auto":
+        return choice
+    native = device.type == "cuda" or bool(getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)())
+    return "bf16" if native else "fp32"
+
+
+@dataclass(frozen=True, slots=True)
+class _ValSet:
+    """The validation scenes, letterboxed once: (N, H, W, 3) uint8 inputs, scales, original sizes, boxes, names."""
+
+    inputs: np.ndarray
+    scales: list[float]
+    image_hws: list[tuple[int, int]]
+    boxes: tuple[np.ndarray, ...]
+    names: list[str]
+
+    @property
+    def num_boxes(self) -> int:
+        return sum(len(b) for b in self.boxes)
+
+    def evaluate(
+        self, model: SignDetectorInference, device: torch.device, settings: TrainSettings, **kw: Any
+    ) -> MatchResult:
+        return evaluate_model(
+            model,
+            self.inputs,
+            self.scales,
+            self.image_hws,
+            self.boxes,
+            device=device,
+            score_floor=settings.score_floor,
+            nms_iou=settings.nms_iou,
+            max_detections=settings.max_detections,
+            **kw,
+        )
+
+
+def _load_split(settings: TrainSettings, emit: Callable[[TrainEvent], None], threads: int) -> tuple[SceneSet, _ValSet]:
+    """(train scenes, letterboxed val set) of ``settings.data``, split as ``settings`` says."""
+
+    def progress(stage: str, done: int, total: int) -> None:
+        emit(TrainEvent(f"load:{stage}", done, total))
+
+    scenes = load_scenes(settings.data, threads=threads, on_progress=progress)
+    if settings.val_images >= len(scenes):
+        raise InputError(
+            f"validation split: expected fewer val images than the {len(scenes)} scenes in {settings.data}, "
+            f"got val_images={settings.val_images}"
+        )
+    train_names, val_names = split_scenes(scenes, settings.val_images, settings.seed)
+    val_scenes = scenes.subset(val_names)
+    fill = pad_colour(IMAGENET_MEAN)
+    inputs = np.empty((len(val_scenes), *settings.input_hw, 3), np.uint8)
+    scales = []
+    for i, image in enumerate(val_scenes.images):
+        inputs[i], scale = letterbox(image, settings.input_hw, fill)
+        scales.append(scale)
+    hws = [(int(im.shape[0]), int(im.shape[1])) for im in val_scenes.images]
+    return scenes.subset(train_names), _ValSet(inputs, scales, hws, val_scenes.boxes, val_names)
+
+
 def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
     """Run one training: data -> fine-tune -> choose threshold -> export ONNX + card + checkpoint into ``out``.
 
@@ -319,31 +390,21 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     threads = min(4, os.cpu_count() or 1)
 
-    def progress(stage: str, done: int, total: int) -> None:
-        emit(TrainEvent(f"load:{stage}", done, total))
-
-    scenes = load_scenes(settings.data, threads=threads, on_progress=progress)
-    if settings.val_images >= len(scenes):
-        raise InputError(
-            f"validation split: expected fewer val images than the {len(scenes)} scenes in {settings.data}, "
-            f"got val_images={settings.val_images}"
+    train_scenes, val = _load_split(settings, emit, threads)
+    patches = (
+        load_gtsrb_patches(
+            settings.gtsrb, threads=threads, on_progress=lambda *a: emit(TrainEvent(f"load:{a[0]}", *a[1:]))
         )
-    train_names, val_names = split_scenes(scenes, settings.val_images, settings.seed)
-    train_scenes, val_scenes = scenes.subset(train_names), scenes.subset(val_names)
-    patches = load_gtsrb_patches(settings.gtsrb, threads=threads, on_progress=progress) if settings.gtsrb else None
-    fill = pad_colour(IMAGENET_MEAN)
-    val_inputs, val_scales = _letterbox_all(val_scenes, settings.input_hw, fill)
-    val_hws = [im.shape[:2] for im in val_scenes.images]
-    del scenes
-
+        if settings.gtsrb
+        else None
+    )
     aug = AugmentSettings()
-    crop_hw = (settings.crop_size, settings.crop_size)
     sampler = CropSampler(
         train_scenes,
         patches,
         input_hw=settings.input_hw,
-        crop_hw=crop_hw,
-        fill=[c / 255 for c in fill],
+        crop_hw=(settings.crop_size, settings.crop_size),
+        fill=[c / 255 for c in pad_colour(IMAGENET_MEAN)],
         settings=aug,
         seed=settings.seed,
     )
@@ -351,7 +412,9 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
     net = build_model(channels=settings.channels).to(device)
     for p in list(net.features.children())[:_FROZEN_FEATURES]:
         p.requires_grad_(False)
-    net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
+    # channels_last helps on CUDA; on CPU it makes this network's depthwise backward ~7x slower (torch 2.13).
+    memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
+    net = net.to(memory_format=memory_format)  # type: ignore[call-overload]  # missing from torch's stub
     ema = deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -376,18 +439,17 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
     mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
     std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
     order_rng = np.random.default_rng(settings.seed + 1)
-    amp = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
-    )
+    orders: list[np.ndarray] = [order_rng.permutation(len(train_scenes)) for _ in range(settings.epochs)]
+    precision = _precision(device, settings.precision)
+    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
     def make_batch(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         epoch_order = orders[step // steps_per_epoch]
         b = step % steps_per_epoch
         batch = sampler.sample(epoch_order[b * settings.batch_size : (b + 1) * settings.batch_size].tolist())
-        x = ((batch.images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=torch.channels_last)
+        x = ((batch.images.to(device, non_blocking=True) - mean) / std).contiguous(memory_format=memory_format)
         return x, _batch_targets(batch, device, max_objects=64), batch.pasted
 
-    orders: list[np.ndarray] = [order_rng.permutation(len(train_scenes)) for _ in range(settings.epochs)]
     history: list[dict[str, float]] = []
     step = 0
     batches = _prefetch(make_batch, total_steps)
@@ -395,7 +457,7 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         _set_train_mode(net)
         sums: dict[str, float] = {}
         signs = pasted = 0
-        for _ in range(steps_per_epoch):
+        for b in range(steps_per_epoch):
             x, targets, n_pasted = next(batches)
             with amp:
                 outputs = net(x)
@@ -415,28 +477,12 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             signs += int(targets["mask"].sum())
             pasted += n_pasted
-            emit(
-                TrainEvent(
-                    "train",
-                    step,
-                    total_steps,
-                    {"epoch": epoch, "loss": sums["total"] / (step - (epoch - 1) * steps_per_epoch)},
-                )
-            )
-        n = steps_per_epoch
-        match = evaluate_model(
-            ema_served,
-            val_inputs,
-            val_scales,
-            val_hws,
-            val_scenes.boxes,
-            device=device,
-            score_floor=settings.score_floor,
-            nms_iou=settings.nms_iou,
-            max_detections=settings.max_detections,
-            on_batch=lambda done: emit(TrainEvent("val", done, len(val_inputs))),
+            emit(TrainEvent("train", step, total_steps, {"epoch": epoch, "loss": sums["total"] / (b + 1)}))
+        match = val.evaluate(
+            ema_served, device, settings, on_batch=lambda done: emit(TrainEvent("val", done, len(val.inputs)))
         )
         best = choose_operating_point(match, settings.max_fp_per_image)
+        n = steps_per_epoch
         figures = {"epoch": float(epoch)} | {f"train_{k}": v / n for k, v in sums.items()}
         figures |= {
             "train_signs_per_crop": signs / (n * settings.batch_size),
@@ -454,36 +500,88 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
 
     emit(TrainEvent("export", 0, 1))
     ema = ema.float().cpu().to(memory_format=torch.contiguous_format).eval()
-    ema_served = SignDetectorInference(ema).eval()
-    match = evaluate_model(
-        ema_served,
-        val_inputs,
-        val_scales,
-        val_hws,
-        val_scenes.boxes,
-        device=torch.device("cpu"),
-        score_floor=settings.score_floor,
-        nms_iou=settings.nms_iou,
-        max_detections=settings.max_detections,
-    )
-    ap50 = average_precision(match)
+    checkpoint = {
+        "model": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": settings.epochs,
+        "settings": json.loads(settings.model_dump_json()),
+    }
+    train_info = {
+        "train_images": len(train_scenes),
+        "train_device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
+        "precision": precision,
+    }
+    result = _finish(ema, settings, val, aug, checkpoint, history, train_info, started)
+    emit(TrainEvent("export", 1, 1))
+    return result
+
+
+def export_checkpoint(
+    checkpoint_path: Path,
+    *,
+    data: Path,
+    out: Path,
+    input_hw: tuple[int, int] | None = None,
+    on_event: Callable[[TrainEvent], None] | None = None,
+) -> TrainResult:
+    """Re-export a trained checkpoint, optionally at another input size, with a new card measured on val.
+
+    The network is fully convolutional and trained on scale-jittered crops, so it runs at any input size that is a
+    multiple of 32; the validation split, threshold and metrics are recomputed at that size. The run's history is
+    not known here and is written empty.
+
+    Raises:
+        InputError: the data folder is missing or malformed, or ``input_hw`` is no multiple of 32.
+        ModelError: the exported ONNX graph disagrees with torch.
+    """
+    emit = on_event or (lambda _e: None)
+    started = time.perf_counter()
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    stored = dict(checkpoint["settings"])
+    trained_hw = tuple(stored["input_hw"])
+    try:
+        settings = TrainSettings.model_validate(stored | {"data": data, "out": out, "input_hw": input_hw or trained_hw})
+    except ValueError as exc:
+        raise InputError(f"export: expected an input size of multiples of 32, got {input_hw} ({exc})") from exc
+    net, _ = load_checkpoint(checkpoint_path)
+    _, val = _load_split(settings, emit, min(4, os.cpu_count() or 1))
+    emit(TrainEvent("export", 0, 1))
+    info = {"trained_input_hw": list(trained_hw), "exported_from": str(checkpoint_path)}
+    result = _finish(net, settings, val, AugmentSettings(), dict(checkpoint), [], info, started)
+    emit(TrainEvent("export", 1, 1))
+    return result
+
+
+def _finish(
+    ema: SignDetectorNet,
+    settings: TrainSettings,
+    val: _ValSet,
+    aug: AugmentSettings,
+    checkpoint: dict[str, Any],
+    history: list[dict[str, float]],
+    info: dict[str, Any],
+    started: float,
+) -> TrainResult:
+    """Measure on val at full size, choose the threshold, export and check ONNX, write card, history, checkpoint."""
+    ema = ema.float().cpu().eval()
+    match = val.evaluate(SignDetectorInference(ema).eval(), torch.device("cpu"), settings)
     chosen = choose_operating_point(match, settings.max_fp_per_image)
     strict = choose_operating_point(match, 0.05)
-
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / MODEL_FILE
     examples = (
-        (val_inputs[:2].astype(np.float32) / 255 - np.asarray(IMAGENET_MEAN, np.float32))
+        (val.inputs[:2].astype(np.float32) / 255 - np.asarray(IMAGENET_MEAN, np.float32))
         / np.asarray(IMAGENET_STD, np.float32)
     ).transpose(0, 3, 1, 2)
     check = export_onnx(ema, model_path, settings.input_hw, examples=examples)
     sha = file_sha256(model_path)
     created = datetime.now(UTC)
     metrics: dict[str, Any] = {
-        "val_images": len(val_scenes),
-        "val_boxes": val_scenes.num_boxes,
-        "val_ap50": ap50,
+        "val_images": len(val.inputs),
+        "val_boxes": val.num_boxes,
+        "val_ap50": average_precision(match),
         "val_recall": chosen.recall,
         "val_precision": chosen.precision,
         "val_fp_per_image": chosen.fp_per_image,
@@ -495,8 +593,8 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         "onnx_max_abs_diff_boxes_px": check["boxes"],
         "onnx_peak_flips": int(check["peak_flips"]),
         "train_seconds": round(time.perf_counter() - started, 1),
-        "train_device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
-    }
+    } | {k: v for k, v in info.items() if k in ("train_device", "precision")}
+    fill = pad_colour(IMAGENET_MEAN)
     card = ModelCard(
         name="roadlabel-sign-detector",
         version=f"{created:%Y%m%d}-{sha[:8]}",
@@ -511,15 +609,17 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         std=IMAGENET_STD,
         temperature=1.0,
         onnx_sha256=sha,
-        onnx_input="images",
-        onnx_output="heatmap",
+        onnx_input=INPUT_NAME,
+        onnx_output=OUTPUT_NAMES[0],
         training_data_sha256=data_sha256([settings.data, settings.gtsrb]),
-        training=json.loads(settings.model_dump_json()) | {"augment": asdict(aug), "torch": torch.__version__},
+        training=json.loads(settings.model_dump_json())
+        | {"augment": asdict(aug), "torch": torch.__version__}
+        | {k: v for k, v in info.items() if k not in ("train_device", "precision")},
         metrics=metrics,
         extra={
             "created": created.isoformat(),
             "stride": STRIDE,
-            "box_output": "boxes",
+            "box_output": OUTPUT_NAMES[1],
             "box_format": "xyxy, network-input pixels",
             "letterbox": "top-left, pad mean",
             "pad_rgb_uint8": list(fill),
@@ -527,38 +627,16 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
             "score_threshold": chosen.threshold,
             "nms_iou": settings.nms_iou,
             "max_detections": settings.max_detections,
-            "min_box_px": aug.min_box_px,
-            "min_box_px_means": "shorter side in network-input pixels below which signs were not trained as targets",
-            "train_images": len(train_scenes),
-            "val_images": list(val_names),
+            "min_box_px": MIN_BOX_FRAME_PX,
+            "val_images": list(val.names),
         },
     )
     card.save(out / CARD_FILE)
+    card = load_card(out / CARD_FILE)  # as readers see it: JSON turns tuples inside ``training`` into lists
     atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
-    checkpoint = out / "checkpoint.pt"
-    tmp = checkpoint.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": ema.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": settings.epochs,
-            "settings": json.loads(settings.model_dump_json()),
-        },
-        tmp,
-    )
-    tmp.replace(checkpoint)
-    emit(TrainEvent("export", 1, 1))
-    log.info("detector trained: %s", json.dumps(metrics))
+    path = out / "checkpoint.pt"
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+    log.info("detector exported: %s", json.dumps(metrics))
     return TrainResult(model_path, card, history)
-
-
-def _letterbox_all(
-    scenes: SceneSet, input_hw: tuple[int, int], fill: tuple[int, int, int]
-) -> tuple[np.ndarray, list[float]]:
-    out = np.empty((len(scenes), *input_hw, 3), np.uint8)
-    scales = []
-    for i, image in enumerate(scenes.images):
-        out[i], scale = letterbox(image, input_hw, fill)
-        scales.append(scale)
-    return out, scales

@@ -11,16 +11,21 @@ import pytest
 import torch
 
 from services.common.modelcard import file_sha256, load_card
-from services.detector.train.loop import TrainEvent, TrainSettings, train_detector
+from services.detector.train.loop import (
+    TrainEvent,
+    TrainResult,
+    TrainSettings,
+    export_checkpoint,
+    train_detector,
+)
 from services.detector.train.model import load_inference_model
 
 INPUT_HW = (64, 96)
+Trained = tuple[Path, list[TrainEvent], TrainResult]
 
 
 @pytest.fixture(scope="module")
-def trained(
-    gtsdb_dir: Path, gtsrb_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, list[TrainEvent]]:
+def trained(gtsdb_dir: Path, gtsrb_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Trained:
     out = tmp_path_factory.mktemp("det") / "out"
     events: list[TrainEvent] = []
     settings = TrainSettings(
@@ -35,12 +40,12 @@ def trained(
         val_images=2,
         device="cpu",
     )
-    train_detector(settings, events.append)
-    return out, events
+    result = train_detector(settings, events.append)
+    return out, events, result
 
 
-def test_run_reports_progress_and_writes_every_file(trained: tuple[Path, list[TrainEvent]]) -> None:
-    out, events = trained
+def test_run_reports_progress_and_writes_every_file(trained: Trained) -> None:
+    out, events, _ = trained
     assert [e.done for e in events if e.stage == "epoch"] == [1, 2]
     assert {e.stage for e in events} >= {"load:scenes", "load:patches", "train", "val", "epoch", "export"}
     assert sorted(p.name for p in out.iterdir()) == [
@@ -54,9 +59,10 @@ def test_run_reports_progress_and_writes_every_file(trained: tuple[Path, list[Tr
     assert all(0 <= h["val_ap50"] <= 1 for h in history)
 
 
-def test_card_follows_the_contract(trained: tuple[Path, list[TrainEvent]]) -> None:
-    out, _ = trained
+def test_card_follows_the_contract(trained: Trained) -> None:
+    out, _, result = trained
     card = load_card(out / "detector.card.json")
+    assert card == result.card
     assert card.name == "roadlabel-sign-detector"
     assert card.task == "detector"
     assert card.class_names == ("traffic_sign",)
@@ -82,8 +88,8 @@ def test_card_follows_the_contract(trained: tuple[Path, list[TrainEvent]]) -> No
         assert key in m
 
 
-def test_onnx_outputs_match_the_checkpoints_torch_graph(trained: tuple[Path, list[TrainEvent]]) -> None:
-    out, _ = trained
+def test_onnx_outputs_match_the_checkpoints_torch_graph(trained: Trained) -> None:
+    out, _, _ = trained
     checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
     assert set(checkpoint) == {"model", "optimizer", "scheduler", "epoch", "settings"}
     model = load_inference_model(out / "checkpoint.pt")
@@ -102,3 +108,17 @@ def test_onnx_outputs_match_the_checkpoints_torch_graph(trained: tuple[Path, lis
     np.testing.assert_allclose(heat[agree], want_heat[agree], atol=1e-4)
     peaks = np.broadcast_to((heat > 0) & (want_heat > 0), boxes.shape)
     np.testing.assert_allclose(boxes[peaks], want_boxes[peaks], atol=1e-4)
+
+
+def test_checkpoint_reexports_at_another_input_size(trained: Trained, gtsdb_dir: Path, tmp_path: Path) -> None:
+    out, _, _ = trained
+    result = export_checkpoint(out / "checkpoint.pt", data=gtsdb_dir, out=tmp_path, input_hw=(96, 128))
+    card = load_card(tmp_path / "detector.card.json")
+    assert card == result.card
+    assert card.input_hw == (96, 128)
+    assert card.extra["val_images"] == load_card(out / "detector.card.json").extra["val_images"]
+    assert card.training["trained_input_hw"] == list(INPUT_HW)
+    session = ort.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
+    heat, boxes = session.run(None, {"images": np.zeros((1, 3, 96, 128), np.float32)})
+    assert heat.shape == (1, 1, 12, 16)
+    assert boxes.shape == (1, 4, 12, 16)
