@@ -12,20 +12,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
-from services.common.errors import ConfigError, ModelError
+from services.common.errors import ModelError
 from services.common.modelcard import ModelCard, card_path_for, load_card, verify_model_file
 from services.common.types import Detections, Frame
 from services.detector.api import DetectorSettings
 from services.detector.postprocess import DetectorSpec, decode, letterbox
+from services.runtime.onnx_session import open_session
 
 __all__ = ["OnnxDetector"]
 
 log = logging.getLogger(__name__)
-
-# Execution providers tried by default, best first; those this onnxruntime build lacks are skipped.
-_DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
 class OnnxDetector:
@@ -56,27 +53,11 @@ class OnnxDetector:
         providers: Sequence[str] | None = None,
         intra_op_threads: int | None = None,
     ) -> None:
-        if intra_op_threads is not None and intra_op_threads < 1:
-            raise ConfigError(f"intra_op_threads: expected an integer >= 1 or None, got {intra_op_threads}")
         self._card = load_card(card_path_for(model_path)) if card is None else card
         self._path = model_path
         self._spec = DetectorSpec.from_card(self._card, settings)
         verify_model_file(model_path, self._card)
-        if providers is None:
-            available = ort.get_available_providers()
-            providers = [name for name in _DEFAULT_PROVIDERS if name in available]
-        options = ort.SessionOptions()
-        # ONNX Runtime's own logger writes straight to stderr, past our JSON logs: keep it to errors.
-        options.log_severity_level = 3
-        # Idle intra-op threads would otherwise spin between calls, taking the cores that the callers' decode
-        # threads need; the wake-up cost is small next to a batch of frames.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        if intra_op_threads is not None:
-            options.intra_op_num_threads = intra_op_threads
-        try:
-            self._session = ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
-        except Exception as exc:  # onnxruntime's error classes are not a public hierarchy
-            raise ModelError(f"{model_path}: expected an ONNX model onnxruntime can load, got an error: {exc}") from exc
+        self._session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
         self._check_io()
         log.info(
             "detector loaded",

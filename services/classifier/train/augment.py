@@ -34,7 +34,7 @@ class AugmentSettings:
     max_shear: float = 0.12
     max_translate: float = 0.1  # fraction of the crop
     max_perspective: float = 0.12  # homography terms in normalised coordinates
-    p_low_res: float = 0.3
+    p_low_res: float = 0.25
     low_res_px: tuple[int, int] = (12, 40)
     p_blur: float = 0.25
     blur_sigma: tuple[float, float] = (0.3, 1.4)
@@ -44,7 +44,7 @@ class AugmentSettings:
     channel_gain: float = 0.08
     gamma: tuple[float, float] = (0.7, 1.5)
     noise_std: float = 0.03
-    p_occlude: float = 0.3
+    p_occlude: float = 0.2
     occlude_area: tuple[float, float] = (0.04, 0.2)
     p_flip: float = 0.5
 

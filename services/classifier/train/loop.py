@@ -61,7 +61,7 @@ class TrainSettings(BaseModel):
     label_smoothing: float = Field(0.05, ge=0, lt=1)
     ema_decay: float = Field(0.998, ge=0, lt=1)
     val_fraction: float = Field(0.15, gt=0, lt=1)
-    background_per_scene: int = Field(10, ge=0)
+    background_per_scene: int = Field(6, ge=0)
     max_sign_rejection: float = Field(
         0.002, ge=0, lt=1, description="share of correct val signs the threshold may reject"
     )
