@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         action="append",
         default=[],
-        help="GTSDB folder (gt.txt + scenes) or folder of not-a-sign crops; repeatable",
+        help="GTSDB folder (gt.txt + scenes) or folder of not-a-sign crops; repeatable "
+        "(default: the gtsdb_train folder beside --data, when there is one)",
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder for classifier.onnx and its card")
     parser.add_argument(
@@ -43,9 +44,16 @@ def run(args: argparse.Namespace) -> int:
     from services.classifier.train.loop import TrainEvent, TrainSettings, train_classifier  # noqa: PLC0415
 
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    background = list(args.background)
+    beside = args.data.parent / "gtsdb_train"
+    if not background and (beside / "gt.txt").is_file():
+        background = [beside]
+        sys.stderr.write(f"not-a-sign crops from {beside} (pass --background to choose)\n")
+    elif not background:
+        sys.stderr.write("warning: no --background data: the model will not learn to reject crops that are no sign\n")
     settings = TrainSettings(
         data=args.data,
-        background=tuple(args.background),
+        background=tuple(background),
         out=args.out,
         epochs=args.epochs or (30 if on_gpu else 24),
         batch_size=args.batch_size,

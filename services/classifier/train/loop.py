@@ -38,7 +38,7 @@ from services.classifier.train.export import export_onnx
 from services.common.classes import GTSRB_CLASS_NAMES, NOT_A_SIGN
 from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256
 
-__all__ = ["TrainEvent", "TrainResult", "TrainSettings", "evaluate_logits", "train_classifier"]
+__all__ = ["TrainEvent", "TrainResult", "TrainSettings", "calibrate", "evaluate_logits", "train_classifier"]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainSettings(BaseModel):
     val_fraction: float = Field(0.15, gt=0, lt=1)
     background_per_scene: int = Field(6, ge=0)
     max_sign_rejection: float = Field(
-        0.002, ge=0, lt=1, description="share of correct val signs the threshold may reject"
+        0.0005, ge=0, lt=1, description="share of correct val signs the threshold may reject"
     )
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -136,6 +136,17 @@ def evaluate_logits(
         "background_rejection_rate": float(rejected[~is_sign].mean()) if (~is_sign).any() else math.nan,
     }
     return figures
+
+
+def calibrate(
+    val_logits: np.ndarray, val_labels: np.ndarray, max_sign_rejection: float
+) -> tuple[float, float, dict[str, float], dict[str, float]]:
+    """Temperature and reject threshold from validation logits -> (T, threshold, figures before, figures after)."""
+    before = evaluate_logits(val_logits, val_labels)
+    temperature = fit_temperature(val_logits, val_labels)
+    probs = np.exp(log_softmax(val_logits, temperature))
+    threshold = choose_reject_threshold(probs, val_labels, BACKGROUND_CLASS, max_sign_rejection)
+    return temperature, threshold, before, evaluate_logits(val_logits, val_labels, temperature, threshold)
 
 
 def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
@@ -221,11 +232,7 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
     emit(TrainEvent("export", 0, 1))
     ema = ema.float().cpu().to(memory_format=torch.contiguous_format)
     val_logits = predict_logits(ema, val_set.images, torch.device("cpu"))
-    before = evaluate_logits(val_logits, val_set.labels)
-    temperature = fit_temperature(val_logits, val_set.labels)
-    probs = np.exp(log_softmax(val_logits, temperature))
-    threshold = choose_reject_threshold(probs, val_set.labels, BACKGROUND_CLASS, settings.max_sign_rejection)
-    after = evaluate_logits(val_logits, val_set.labels, temperature, threshold)
+    temperature, threshold, before, after = calibrate(val_logits, val_set.labels, settings.max_sign_rejection)
 
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
