@@ -452,7 +452,9 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
 
     history: list[dict[str, float]] = []
     step = 0
-    batches = _prefetch(make_batch, total_steps)
+    # On a GPU the crops are made in a thread while the GPU works. On a CPU that thread's torch ops would run
+    # their own OpenMP team next to the training step's and both slow down ~4x on 2 cores: make them in line.
+    batches = _prefetch(make_batch, total_steps) if device.type == "cuda" else map(make_batch, range(total_steps))
     for epoch in range(1, settings.epochs + 1):
         _set_train_mode(net)
         sums: dict[str, float] = {}
