@@ -16,7 +16,7 @@ from services.classifier.api import calibrated_log_probs
 from services.classifier.preprocess import normalize, resize_crops
 from services.common.errors import ConfigError, ModelError
 from services.common.modelcard import ModelCard, card_path_for, load_card, verify_model_file
-from services.runtime.onnx_session import open_session
+from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_session
 
 __all__ = ["OnnxClassifier"]
 
@@ -113,25 +113,7 @@ class OnnxClassifier:
         """Compare the session's input and output with the card; raise ModelError naming both if they differ."""
         card = self._card
         h, w = card.input_hw
-        inputs = self._session.get_inputs()
-        if [i.name for i in inputs] != [card.onnx_input]:
-            raise ModelError(
-                f"{self._path}: expected one input named {card.onnx_input!r} (from its card), "
-                f"got inputs {[i.name for i in inputs]}"
-            )
-        shape = list(inputs[0].shape)
-        if (
-            inputs[0].type != "tensor(float)"
-            or len(shape) != 4
-            or isinstance(shape[0], int)
-            or shape[1] != 3
-            or not _dim_matches(shape[2], h)
-            or not _dim_matches(shape[3], w)
-        ):
-            raise ModelError(
-                f"{self._path}: expected input {card.onnx_input!r} of shape (batch, 3, {h}, {w}) tensor(float) "
-                f"with a dynamic batch axis (from its card), got {_format_shape(shape)} {inputs[0].type}"
-            )
+        check_image_input(self._session, self._path, card.onnx_input, (h, w))
         outputs = {o.name: o for o in self._session.get_outputs()}
         if card.onnx_output not in outputs:
             raise ModelError(
@@ -141,10 +123,10 @@ class OnnxClassifier:
         output = outputs[card.onnx_output]
         shape = list(output.shape)
         k = card.num_outputs
-        if output.type != "tensor(float)" or len(shape) != 2 or not _dim_matches(shape[1], k):
+        if output.type != "tensor(float)" or len(shape) != 2 or not dim_matches(shape[1], k):
             raise ModelError(
                 f"{self._path}: expected output {card.onnx_output!r} of shape (batch, {k}) tensor(float), "
-                f"{k} = the card's class count, got {_format_shape(shape)} {output.type}"
+                f"{k} = the card's class count, got {format_shape(shape)} {output.type}"
             )
 
 
@@ -157,12 +139,3 @@ def _check_card(model_path: Path, card: ModelCard) -> None:
         raise ModelError(
             f"model card for {model_path}: expected background_class in 0..{card.num_outputs - 1}, got {bg}"
         )
-
-
-def _dim_matches(dim: int | str | None, expected: int) -> bool:
-    """A fixed dim equals ``expected``; a symbolic (str) or unknown (None) one matches anything."""
-    return not isinstance(dim, int) or dim == expected
-
-
-def _format_shape(shape: Sequence[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

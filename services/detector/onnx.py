@@ -18,7 +18,7 @@ from services.common.modelcard import ModelCard, card_path_for, load_card, verif
 from services.common.types import Detections, Frame
 from services.detector.api import DetectorSettings
 from services.detector.postprocess import DetectorSpec, decode, letterbox
-from services.runtime.onnx_session import open_session
+from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_session
 
 __all__ = ["OnnxDetector"]
 
@@ -120,25 +120,7 @@ class OnnxDetector:
         """Compare the session's input and outputs with the card; raise ModelError naming both if they differ."""
         spec = self._spec
         h, w = spec.input_hw
-        inputs = self._session.get_inputs()
-        if [i.name for i in inputs] != [spec.input_name]:
-            raise ModelError(
-                f"{self._path}: expected one input named {spec.input_name!r} (from its card), "
-                f"got inputs {[i.name for i in inputs]}"
-            )
-        shape = list(inputs[0].shape)
-        if (
-            inputs[0].type != "tensor(float)"
-            or len(shape) != 4
-            or isinstance(shape[0], int)
-            or shape[1] != 3
-            or not _dim_matches(shape[2], h)
-            or not _dim_matches(shape[3], w)
-        ):
-            raise ModelError(
-                f"{self._path}: expected input {spec.input_name!r} of shape (batch, 3, {h}, {w}) tensor(float) "
-                f"with a dynamic batch axis (from its card), got {_format_shape(shape)} {inputs[0].type}"
-            )
+        check_image_input(self._session, self._path, spec.input_name, (h, w))
         outputs = {o.name: o for o in self._session.get_outputs()}
         oh, ow = spec.output_hw
         for name, channels in ((spec.heatmap_output, 1), (spec.box_output, 4)):
@@ -150,21 +132,12 @@ class OnnxDetector:
             if (
                 outputs[name].type != "tensor(float)"
                 or len(out_shape) != 4
-                or not _dim_matches(out_shape[1], channels)
-                or not _dim_matches(out_shape[2], oh)
-                or not _dim_matches(out_shape[3], ow)
+                or not dim_matches(out_shape[1], channels)
+                or not dim_matches(out_shape[2], oh)
+                or not dim_matches(out_shape[3], ow)
             ):
                 raise ModelError(
                     f"{self._path}: expected output {name!r} of shape (batch, {channels}, {oh}, {ow}) tensor(float) "
                     f"(input {h}x{w} / stride {spec.stride}, from its card), "
-                    f"got {_format_shape(out_shape)} {outputs[name].type}"
+                    f"got {format_shape(out_shape)} {outputs[name].type}"
                 )
-
-
-def _dim_matches(dim: int | str | None, expected: int) -> bool:
-    """A fixed dim equals ``expected``; a symbolic (str) or unknown (None) one matches anything."""
-    return not isinstance(dim, int) or dim == expected
-
-
-def _format_shape(shape: Sequence[int | str | None]) -> str:
-    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"

@@ -9,7 +9,7 @@ import onnxruntime as ort
 
 from services.common.errors import ConfigError, ModelError
 
-__all__ = ["DEFAULT_PROVIDERS", "open_session"]
+__all__ = ["DEFAULT_PROVIDERS", "check_image_input", "dim_matches", "format_shape", "open_session"]
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 """Execution providers tried by default, best first; those the installed onnxruntime build lacks are skipped."""
@@ -47,3 +47,40 @@ def open_session(
         return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime's error classes are not a public hierarchy
         raise ModelError(f"{model_path}: expected an ONNX model onnxruntime can load, got an error: {exc}") from exc
+
+
+def dim_matches(dim: int | str | None, expected: int) -> bool:
+    """A fixed dim equals ``expected``; a symbolic (str) or unknown (None) one matches anything."""
+    return not isinstance(dim, int) or dim == expected
+
+
+def format_shape(shape: Sequence[int | str | None]) -> str:
+    """An ONNX shape for messages: unknown dims as ``?``."""
+    return "(" + ", ".join("?" if d is None else str(d) for d in shape) + ")"
+
+
+def check_image_input(session: ort.InferenceSession, model_path: Path, name: str, hw: tuple[int, int]) -> None:
+    """Check that the session has one input ``name`` of shape (dynamic batch, 3, h, w) float.
+
+    Raises:
+        ModelError: naming what the card expects and what the file has.
+    """
+    h, w = hw
+    inputs = session.get_inputs()
+    if [i.name for i in inputs] != [name]:
+        raise ModelError(
+            f"{model_path}: expected one input named {name!r} (from its card), got inputs {[i.name for i in inputs]}"
+        )
+    shape = list(inputs[0].shape)
+    if (
+        inputs[0].type != "tensor(float)"
+        or len(shape) != 4
+        or isinstance(shape[0], int)
+        or shape[1] != 3
+        or not dim_matches(shape[2], h)
+        or not dim_matches(shape[3], w)
+    ):
+        raise ModelError(
+            f"{model_path}: expected input {name!r} of shape (batch, 3, {h}, {w}) tensor(float) "
+            f"with a dynamic batch axis (from its card), got {format_shape(shape)} {inputs[0].type}"
+        )
