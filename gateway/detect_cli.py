@@ -84,7 +84,7 @@ def _unit_float(text: str) -> float:
     return value
 
 
-def _add_model_options(cmd: argparse.ArgumentParser) -> None:
+def _add_model_options(cmd: argparse.ArgumentParser, *, batch_size: int | None = 8, image_workers: bool = True) -> None:
     cmd.add_argument(
         "--detector",
         type=Path,
@@ -100,7 +100,13 @@ def _add_model_options(cmd: argparse.ArgumentParser) -> None:
         f"{default_classifier_path()})",
     )
     cmd.add_argument(
-        "--batch-size", type=_positive_int, default=8, metavar="N", help="images per detector call (default: 8)"
+        "--batch-size",
+        type=_positive_int,
+        default=batch_size,
+        metavar="N",
+        help="images per detector call (default: "
+        + (str(batch_size) if batch_size is not None else "the settings file's detect_batch, else 4")
+        + ")",
     )
     cmd.add_argument(
         "--score-threshold",
@@ -119,13 +125,14 @@ def _add_model_options(cmd: argparse.ArgumentParser) -> None:
     cmd.add_argument(
         "--threads", type=_positive_int, metavar="N", help="ONNX Runtime threads per model (default: one per core)"
     )
-    cmd.add_argument(
-        "--workers",
-        type=_positive_int,
-        default=min(4, os.cpu_count() or 1),
-        metavar="N",
-        help="image decoding threads (default: %(default)s)",
-    )
+    if image_workers:
+        cmd.add_argument(
+            "--workers",
+            type=_positive_int,
+            default=min(4, os.cpu_count() or 1),
+            metavar="N",
+            help="image decoding threads (default: %(default)s)",
+        )
 
 
 def _add_detect(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

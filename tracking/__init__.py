@@ -1,1 +1,1 @@
-"""Multi-object tracking: a norfair adapter that fills ``track_id`` in ``Detections``; pure CPU, no I/O."""
+"""Tracking: detections of one frame after another become one track per physical sign (norfair adapter)."""

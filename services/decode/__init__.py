@@ -1,0 +1,1 @@
+"""Video decoding (PyAV): recordings in, ``Frame``s out."""
