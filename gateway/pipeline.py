@@ -43,7 +43,7 @@ from services.common.modelcard import ModelCard
 from services.common.types import Detections, Frame
 from services.decode.reader import DecodeSettings, VideoReader
 from services.detector.api import Detector
-from tracking.tracker import SignTracker, TrackerSettings
+from tracking.tracker import SignTracker, TrackerSettings, box_distance
 
 __all__ = ["PipelineSettings", "Progress", "file_sha256", "label_recording"]
 
@@ -63,6 +63,9 @@ class PipelineSettings(BaseModel):
         crop_margin: Each box is grown by this fraction of its size on every side before it is classified.
         crops_per_track: The best crops kept per track and classified together.
         classify_batch: Crops per classifier call (crops of several ended tracks go together).
+        relink_gap_frames: A track that starts at most this many frames after another ended, where that one's
+            motion says it would be, continues it (a sign the detector lost for a moment); 0 turns this off.
+        relink_distance: How near (``tracking.tracker.box_distance``) the extrapolated box must be.
         min_track_frames: Tracks with fewer detected frames are ``short``.
         short_tracks: ``drop`` short tracks, or keep them ``flag``-ged as uncertain.
         not_a_sign_tracks: Tracks whose crops the classifier calls not a sign: ``drop`` or ``flag``.
@@ -82,6 +85,8 @@ class PipelineSettings(BaseModel):
     crop_margin: float = Field(0.15, ge=0, le=2)
     crops_per_track: int = Field(5, ge=1, le=64)
     classify_batch: int = Field(64, ge=1)
+    relink_gap_frames: int = Field(25, ge=0)
+    relink_distance: float = Field(0.9, gt=0)
     min_track_frames: int = Field(3, ge=1)
     short_tracks: Literal["drop", "flag"] = "drop"
     not_a_sign_tracks: Literal["drop", "flag"] = "drop"
@@ -146,6 +151,26 @@ class _LiveTrack:
     boxes: list[Box] = field(default_factory=list)
     crops: list[_Crop] = field(default_factory=list)  # a min-heap on quality, at most crops_per_track long
     max_side_px: float = 0.0
+    confirmed: bool = False
+
+    def predict(self, frame: int) -> np.ndarray:
+        """(4,) the box extrapolated to ``frame`` at the velocity of the last few boxes (constant without two)."""
+        last = self.boxes[-1]
+        xyxy = np.asarray(last.xyxy, np.float64)
+        if len(self.boxes) < 2:
+            return xyxy
+        ref = self.boxes[max(0, len(self.boxes) - 4)]
+        span = last.frame - ref.frame
+        velocity = (xyxy - np.asarray(ref.xyxy, np.float64)) / max(span, 1)
+        return xyxy + velocity * (frame - last.frame)
+
+    def absorb_earlier(self, older: _LiveTrack, keep: int) -> None:
+        """Prepend ``older`` (a fragment of the same sign that ended before this one began)."""
+        self.boxes[:0] = older.boxes
+        self.crops = heapq.nlargest(keep, [*self.crops, *older.crops])
+        heapq.heapify(self.crops)
+        self.max_side_px = max(self.max_side_px, older.max_side_px)
+        self.confirmed = self.confirmed or older.confirmed
 
 
 @dataclass(slots=True)
@@ -197,6 +222,7 @@ class _Labeller:
         self.tracker = SignTracker(tracker_settings)
         self.live: dict[int, _LiveTrack] = {}
         self.to_classify: list[_LiveTrack] = []
+        self.recent: list[_LiveTrack] = []  # ended, but a later track may still continue them
         self.tracks: list[Track] = []
         self.counters = _Counters()
 
@@ -235,6 +261,7 @@ class _Labeller:
             self._store(frame, tracked)
             for ended in self.tracker.pop_ended():
                 self._end(ended.track_id, ended.confirmed)
+            self._finalize_recent(before=frame.ref.index - self.settings.relink_gap_frames)
         self.counters.track_s += time.perf_counter() - now
         if sum(len(t.crops) for t in self.to_classify) >= self.settings.classify_batch:
             self.classify_pending()
@@ -248,10 +275,17 @@ class _Labeller:
         t_s = round(frame.ref.pts_s, 6)
         for row in range(len(tracked)):
             tid = int(tracked.track_id[row])
-            live = self.live.setdefault(tid, _LiveTrack())
             x1f, y1f, x2f, y2f = (round(float(v), 2) for v in tracked.xyxy[row])
             score = float(tracked.score[row])
-            live.boxes.append(Box(frame=frame.ref.index, t_s=t_s, xyxy=(x1f, y1f, x2f, y2f), score=score))
+            box = Box(frame=frame.ref.index, t_s=t_s, xyxy=(x1f, y1f, x2f, y2f), score=score)
+            live = self.live.get(tid)
+            if live is None:
+                live = self.live[tid] = _LiveTrack()
+                older = self._relink(self.recent, box)
+                if older is not None:
+                    self.recent.remove(older)
+                    live.absorb_earlier(older, keep)
+            live.boxes.append(box)
             side = min(x2f - x1f, y2f - y1f)
             live.max_side_px = max(live.max_side_px, side)
             x1, y1, x2, y2 = windows[row].tolist()
@@ -266,15 +300,49 @@ class _Labeller:
             else:
                 heapq.heapreplace(live.crops, crop)
 
+    def _relink(self, candidates: Iterable[_LiveTrack], box: Box) -> _LiveTrack | None:
+        """The ended fragment that ``box`` (the first box of a new track) most likely continues, if any.
+
+        The tracker ends a young track after a few missed detections, so a sign the detector loses for a moment
+        comes back as a new track. A fragment continues it when it ended at most ``relink_gap_frames`` earlier and
+        its extrapolated box is within ``relink_distance`` (``tracking.tracker.box_distance``) of the new box.
+        """
+        best: _LiveTrack | None = None
+        best_d = self.settings.relink_distance
+        for older in candidates:
+            gap = box.frame - older.boxes[-1].frame
+            if gap <= 0 or gap > self.settings.relink_gap_frames:
+                continue
+            d = float(box_distance(np.asarray([box.xyxy]), older.predict(box.frame)[None])[0, 0])
+            if d < best_d:
+                best, best_d = older, d
+        return best
+
     def _end(self, track_id: int, confirmed: bool) -> None:
         live = self.live.pop(track_id, None)
         if live is None:
             return
-        short = len(live.boxes) < self.settings.min_track_frames
-        if not confirmed or (short and self.settings.short_tracks == "drop"):
-            self.counters.dropped += 1
+        live.confirmed = live.confirmed or confirmed
+        # A younger live track may already continue this fragment (the tracker ends tracks late).
+        for younger in self.live.values():
+            first = younger.boxes[0]
+            if first.frame > live.boxes[-1].frame and self._relink([live], first) is live:
+                younger.absorb_earlier(live, self.settings.crops_per_track)
+                return
+        self.recent.append(live)
+
+    def _finalize_recent(self, before: int) -> None:
+        """Fragments that ended before frame ``before`` can no longer be continued: keep or drop them."""
+        done = [t for t in self.recent if t.boxes[-1].frame < before]
+        if not done:
             return
-        self.to_classify.append(live)
+        self.recent = [t for t in self.recent if t.boxes[-1].frame >= before]
+        for live in done:
+            short = len(live.boxes) < self.settings.min_track_frames
+            if not live.confirmed or (short and self.settings.short_tracks == "drop"):
+                self.counters.dropped += 1
+            else:
+                self.to_classify.append(live)
 
     # -- classification -----------------------------------------------------------------------------------------
 
@@ -363,6 +431,7 @@ class _Labeller:
     def finish(self) -> list[Track]:
         for ended in self.tracker.finish():
             self._end(ended.track_id, ended.confirmed)
+        self._finalize_recent(before=2**62)
         self.classify_pending()
         ordered = sorted(self.tracks, key=lambda t: (t.first_frame, t.boxes[0].xyxy))
         return [t.model_copy(update={"track_id": i}) for i, t in enumerate(ordered, start=1)]

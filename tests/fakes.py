@@ -47,12 +47,20 @@ class FakeDetector:
         video: The clip whose ground truth to replay.
         miss_every: Drop each sign's box on every n-th frame (0: never), as a real detector misses some.
         fail_at: Raise ``ModelError`` when asked for this frame (None: never).
+        blind_frames: Frames on which it finds nothing at all.
     """
 
-    def __init__(self, video: SyntheticVideo, *, miss_every: int = 0, fail_at: int | None = None) -> None:
+    def __init__(
+        self,
+        video: SyntheticVideo,
+        *,
+        miss_every: int = 0,
+        fail_at: int | None = None,
+        blind_frames: frozenset[int] = frozenset(),
+    ) -> None:
         self._by_frame: dict[int, list[tuple[float, float, float, float]]] = defaultdict(list)
         for box in video.boxes:
-            if miss_every and box.frame % miss_every == miss_every - 1:
+            if box.frame in blind_frames or (miss_every and box.frame % miss_every == miss_every - 1):
                 continue
             self._by_frame[box.frame].append(box.xyxy)
         self._fail_at = fail_at

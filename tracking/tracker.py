@@ -14,9 +14,10 @@ filter already follows it (measured on the synthetic approach clips in ``tests/`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
+from norfair.distances import VectorizedDistance
 from norfair.tracker import Detection as NorfairDetection
 from norfair.tracker import Tracker as NorfairTracker
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -24,14 +25,52 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from services.common.types import Detections
 from tracking.ids import TrackIdAllocator
 
-__all__ = ["EndedTrack", "SignTracker", "TrackerSettings"]
+__all__ = ["EndedTrack", "SignTracker", "TrackerSettings", "box_distance"]
+
+
+def box_distance(candidates: np.ndarray, objects: np.ndarray, center_weight: float = 0.5) -> np.ndarray:
+    """Distance between detections and tracks' predicted boxes: ``1 - IoU``, or less when the centres are close.
+
+    IoU alone cannot link a small, fast sign whose box moved by more than its own width since the last detector
+    run (every k-th frame, or near the camera), and such a sign would start a new track each time. So the distance
+    is the smaller of ``1 - IoU`` and ``center_weight * d_c + |log(s_a / s_b)|``, where ``d_c`` is the distance of
+    the centres in units of the larger box's size ``sqrt(w * h)`` and ``s`` the sizes: boxes of the same size a
+    little apart are near; boxes of very different sizes are far.
+
+    Args:
+        candidates: (N, 4) or (N, 2, 2) boxes ``x1, y1, x2, y2`` in pixels.
+        objects: (M, 4) or (M, 2, 2) boxes.
+        center_weight: Weight of the centre distance.
+
+    Returns:
+        (N, M) float32 distances, >= 0 (0: the same box).
+    """
+    a = np.asarray(candidates, np.float64).reshape(-1, 4)
+    b = np.asarray(objects, np.float64).reshape(-1, 4)
+    wa, ha = np.maximum(a[:, 2] - a[:, 0], 1e-6), np.maximum(a[:, 3] - a[:, 1], 1e-6)
+    wb, hb = np.maximum(b[:, 2] - b[:, 0], 1e-6), np.maximum(b[:, 3] - b[:, 1], 1e-6)
+    ix = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    iy = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = ix * iy
+    union = (wa * ha)[:, None] + (wb * hb)[None, :] - inter
+    iou = inter / np.maximum(union, 1e-12)
+    sa, sb = np.sqrt(wa * ha), np.sqrt(wb * hb)
+    ca = np.stack([a[:, 0] + a[:, 2], a[:, 1] + a[:, 3]], axis=1) / 2
+    cb = np.stack([b[:, 0] + b[:, 2], b[:, 1] + b[:, 3]], axis=1) / 2
+    d_center = np.linalg.norm(ca[:, None, :] - cb[None, :, :], axis=2) / np.maximum(sa[:, None], sb[None, :])
+    d_scale = np.abs(np.log(sa[:, None] / sb[None, :]))
+    distance: np.ndarray = np.minimum(1.0 - iou, center_weight * d_center + d_scale).astype(np.float32)
+    return distance
 
 
 class TrackerSettings(BaseModel):
     """How detections are linked into tracks (units are detector runs unless stated).
 
     Attributes:
-        distance_threshold: Largest ``1 - IoU`` between a detection and a track's predicted box that still matches.
+        distance: ``iou`` (norfair's ``1 - IoU``) or ``box`` (``box_distance``: also links nearby boxes of the same
+            size that no longer overlap).
+        center_weight: ``box_distance``'s weight on the centre distance.
+        distance_threshold: Largest distance between a detection and a track's predicted box that still matches.
         hit_counter_max: How long a track lives on without detections: it dies after about this many frames
             without a match (norfair's hit counter; each match adds two detector periods, each frame removes one).
         initialization_delay: Matches a new track needs before it counts as confirmed (0: the first detection).
@@ -39,6 +78,8 @@ class TrackerSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    distance: Literal["iou", "box"] = "box"
+    center_weight: float = Field(0.5, gt=0)
     distance_threshold: float = Field(0.9, gt=0, le=1)
     hit_counter_max: int = Field(12, ge=1)
     initialization_delay: int = Field(1, ge=0)
@@ -79,9 +120,16 @@ class SignTracker:
             hit_counter_max=self.settings.hit_counter_max,
             initialization_delay=self.settings.initialization_delay,
         )
+        if self.settings.distance == "box":
+            # norfair's constructor takes a name or a scalar function only; a vectorised one is set afterwards, as
+            # the attribute its matching reads (a scalar function would be called once per pair, in Python).
+            self._tracker.distance_function = VectorizedDistance(self._distance)  # type: ignore[assignment]
         # norfair object identity -> (object, our id); the object is held so its id() is never reused meanwhile.
         self._live: dict[int, tuple[Any, int]] = {}
         self._ended: list[EndedTrack] = []
+
+    def _distance(self, candidates: np.ndarray, objects: np.ndarray) -> np.ndarray:
+        return box_distance(candidates, objects, self.settings.center_weight)
 
     def update(self, detections: Detections, *, period: int = 1) -> Detections:
         """Link one frame's detections to tracks.

@@ -174,15 +174,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per round per case")
-    parser.add_argument("--only", choices=["classifier", "detector"], help="run one bench (default: both)")
+    parser.add_argument(
+        "--only", choices=["classifier", "detector", "video"], help="run one bench (default: all of them)"
+    )
+    parser.add_argument("--video-rounds", type=int, default=3, help="rounds per video case (each labels a clip)")
+    parser.add_argument("--video-frames", type=int, default=150, help="frames per synthetic clip")
     args = parser.parse_args(argv)
     # torch's OpenMP workers busy-wait after each call by default; interleaved with ONNX Runtime on 2 cores they
     # would take the cores ONNX Runtime needs and make every figure meaningless. Set before torch loads libgomp.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    if args.only != "detector":
+    if args.only in (None, "classifier"):
         bench_classifier(args.rounds, args.seconds)
-    if args.only != "classifier":
+    if args.only in (None, "detector"):
         bench_detector(args.rounds, args.seconds)
+    if args.only in (None, "video"):
+        from tests.bench.video import bench_video  # after the others: it writes temporary clips
+
+        bench_video(args.video_rounds, args.video_frames)
     return 0
 
 

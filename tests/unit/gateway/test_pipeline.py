@@ -115,6 +115,18 @@ def test_missed_detections_do_not_split_tracks(vfr_clip):
     assert len(labels.tracks) == 3
 
 
+def test_a_sign_lost_for_a_while_is_relinked_into_one_track(vfr_clip):
+    blind = frozenset(range(12, 28))  # the detector sees nothing for 16 frames: the tracker lets go of every track
+    relinked = label(vfr_clip, FakeDetector(vfr_clip, blind_frames=blind))
+    assert all(len(ids) == 1 for ids in gt_tracks_of(vfr_clip, relinked).values())
+    assert len(relinked.tracks) == 3
+    spans = [(t.first_frame, t.last_frame) for t in relinked.tracks]
+    assert (10, 39) in spans  # the second sign, seen on frames 10-11 and 28-39, is one track
+    split = label(vfr_clip, FakeDetector(vfr_clip, blind_frames=blind), relink_gap_frames=0)
+    assert (28, 39) in [(t.first_frame, t.last_frame) for t in split.tracks]  # without relinking it starts again
+    assert split.stats.tracks_dropped > relinked.stats.tracks_dropped  # ... and its 2-box start is dropped as short
+
+
 def test_region_of_interest(vfr_clip):
     detector = FakeDetector(vfr_clip)
     labels = label(vfr_clip, detector, roi_xyxy=(0.5, 0.0, 1.0, 0.5))

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from services.common.types import Detections, FrameRef
 from tracking.ids import TrackIdAllocator
-from tracking.tracker import SignTracker, TrackerSettings
+from tracking.tracker import SignTracker, TrackerSettings, box_distance
 
 
 def dets(frame: int, xyxy, score=None, **extra) -> Detections:
@@ -130,3 +130,36 @@ def test_ids_are_unique_within_a_frame_and_every_row_gets_one(frames):
         assert len(out) == len(boxes)
         assert (out.track_id >= 1).all()
         assert len(set(out.track_id.tolist())) == len(out)
+
+
+def test_box_distance_is_one_minus_iou_for_overlapping_boxes_and_small_for_near_ones():
+    a = np.array([[0, 0, 10, 10]], np.float32)
+    same = box_distance(a, a)
+    assert same.shape == (1, 1)
+    assert same[0, 0] == pytest.approx(0.0, abs=1e-6)
+    half = box_distance(a, np.array([[5, 0, 15, 10]], np.float32))[0, 0]
+    assert half == pytest.approx(min(1 - 1 / 3, 0.5 * 0.5), abs=1e-5)
+    apart = box_distance(a, np.array([[12, 0, 22, 10]], np.float32))[0, 0]  # no overlap, 1.2 sizes apart
+    assert apart == pytest.approx(0.6, abs=1e-5)
+    far_bigger = box_distance(a, np.array([[0, 0, 100, 100]], np.float32))[0, 0]
+    assert far_bigger > 0.9
+
+
+@settings(max_examples=50)
+@given(st.lists(st.tuples(st.floats(0, 500), st.floats(0, 500), st.floats(1, 100), st.floats(1, 100)), min_size=1))
+def test_box_distance_is_symmetric_and_non_negative(boxes):
+    xyxy = np.array([[x, y, x + w, y + h] for x, y, w, h in boxes], np.float32)
+    d = box_distance(xyxy, xyxy)
+    assert d.shape == (len(boxes), len(boxes))
+    assert (d >= -1e-6).all()
+    np.testing.assert_allclose(d, d.T, atol=1e-5)
+    np.testing.assert_allclose(np.diag(d), 0, atol=1e-5)
+
+
+def test_fast_small_sign_keeps_its_id_with_box_distance_but_not_with_iou():
+    # A 12 px sign moving 15 px between detector runs: its boxes never overlap.
+    frames = [dets(f, [[100 + 15 * f, 100, 112 + 15 * f, 112]]) for f in range(8)]
+    box_ids = {int(i) for i in np.concatenate(run(SignTracker(TrackerSettings(distance="box")), frames))}
+    iou_ids = {int(i) for i in np.concatenate(run(SignTracker(TrackerSettings(distance="iou")), frames))}
+    assert len(box_ids) == 1
+    assert len(iou_ids) > 1
