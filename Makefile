@@ -15,7 +15,7 @@ PIP_INSTALL = $(PY) -m pip install $(if $(wildcard $(WHEELS)),--find-links $(WHE
 # Source packages: type-checked with mypy --strict. Tests are checked too, with the relaxations in pyproject.toml.
 SRC = services gateway tracking
 
-.PHONY: help install fmt lint test test-gpu bench
+.PHONY: help install fmt lint test test-gpu bench demo
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -45,6 +45,13 @@ test:  ## Run the CPU test suite.
 
 test-gpu:  ## Run the tests that need a CUDA GPU.
 	$(PY) -m pytest -q tests -m gpu
+
+demo:  ## A synthetic 1280x720 drive past eight real signs (needs ../shared/data), labelled: runs/demo/.
+	@mkdir -p runs/demo
+	$(PY) -c "from pathlib import Path; from tests.bench.video import synthetic_clip; \
+	synthetic_clip(Path('runs/demo/drive.mp4'), 1280, 720, 150)"
+	$(VENV)/bin/roadlabel label runs/demo/drive.mp4 -o runs/demo/drive.labels.json
+	$(VENV)/bin/roadlabel export runs/demo/drive.labels.json --format cvat-video -o runs/demo/drive.cvat.xml
 
 bench:  ## Measure frames per second for each pipeline stage on the synthetic clip.
 	$(PY) tests/bench/run.py

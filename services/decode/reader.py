@@ -172,7 +172,10 @@ class VideoReader:
         ctx = stream.codec_context
         width, height = int(ctx.width or 0), int(ctx.height or 0)
         if width < 1 or height < 1:
-            raise UnreadableVideo(f"{self.path.name}: expected a frame size, got {width}x{height}")
+            raise UnreadableVideo(
+                f"{self.path.name}: expected a video with a frame size, got a {container.format.name} "
+                f"{ctx.name} stream of {width}x{height} pixels"
+            )
         if width * height > self.settings.max_pixels:
             raise UnreadableVideo(
                 f"{self.path.name}: expected at most {self.settings.max_pixels} pixels per frame, got {width}x{height}"

@@ -126,6 +126,22 @@ def bench_video(rounds: int, n_frames: int) -> None:
             clips.append((f"synthetic {w}x{h} H.264", video.path, video))
         for name, path, clip in clips:
             _bench_clip(name, path, clip, detector, classifier, rounds)
+        _bench_memory_growth(Path(tmp), detector, classifier, n_frames)
+
+
+def _bench_memory_growth(tmp: Path, detector: OnnxDetector, classifier: OnnxClassifier, n_frames: int) -> None:
+    """Peak memory labelling a 1280x720 clip and one four times as long: bounded means about the same."""
+    peaks = []
+    for n in (n_frames, 4 * n_frames):
+        video = synthetic_clip(tmp / f"memory_{n}.mp4", 1280, 720, n)
+        can_reset = _peak_rss_reset()
+        labels = label_recording(video.path, detector, classifier, PipelineSettings())
+        peaks.append(_peak_rss_mb())
+        out(
+            f"memory: 1280x720, {n} frames, {len(labels.tracks)} tracks: peak RSS {peaks[-1]:.0f} MB"
+            + ("" if can_reset else " (process peak)")
+        )
+    out(f"memory: {4 * n_frames} frames vs {n_frames} frames: peak RSS ratio {peaks[1] / peaks[0]:.3f}x")
 
 
 def _bench_clip(
