@@ -219,3 +219,11 @@ def test_settings_refuse_bad_roi():
 def test_source_is_the_file_name_only(vfr_clip):
     labels = label(vfr_clip)
     assert labels.recording.source == Path(vfr_clip.path).name
+
+
+def test_an_8k_recording_is_labelled(tmp_path):
+    clip = make_road_video(tmp_path / "8k.mp4", width=7680, height=4320, n_frames=2, signs=[sign(0, 2)])
+    labels = label_recording(clip.path, FakeDetector(clip), FakeClassifier())
+    assert (labels.recording.width, labels.recording.height) == (7680, 4320)
+    assert labels.recording.frame_count == 2
+    assert labels.stats.detections == len(clip.boxes) > 0  # every frame went through detect and track
