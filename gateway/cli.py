@@ -100,10 +100,12 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_classify(commands)
     # Here, not at the top: these modules import this module's exit codes.
-    from gateway import detect_cli, label_cli
+    from gateway import batch_cli, detect_cli, label_cli, serve_cli
 
     detect_cli.add_commands(commands)  # detect, eval detector
     label_cli.add_commands(commands)  # label, export
+    batch_cli.add_commands(commands)  # batch
+    serve_cli.add_commands(commands)  # serve, keys
     # The training code is imported only for a train command: classify must not depend on it (nor on torch).
     _add_train(commands, load="train" in argv)
     return parser

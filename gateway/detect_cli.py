@@ -117,10 +117,13 @@ def _add_model_options(cmd: argparse.ArgumentParser, *, batch_size: int | None =
     cmd.add_argument(
         "--crop-margin",
         type=float,
-        default=TwoStageSettings().crop_margin,
+        # With a settings file (batch_size None), only an explicit --crop-margin overrides the file's.
+        default=TwoStageSettings().crop_margin if batch_size is not None else None,
         metavar="F",
         help="grow each box by this fraction of its size on every side before classifying it, as GTSRB crops "
-        "are (default: %(default)s)",
+        "are (default: "
+        + ("%(default)s" if batch_size is not None else "the settings file's crop_margin, else 0.15")
+        + ")",
     )
     cmd.add_argument(
         "--threads", type=_positive_int, metavar="N", help="ONNX Runtime threads per model (default: one per core)"

@@ -34,12 +34,12 @@ def _allowed_torch(module: str) -> bool:
 
 
 # Every module of the serving packages, whatever files they gain later. A ``__main__`` module runs its program when
-# imported, so it is left out.
+# imported, and alembic's migration scripts run only inside alembic, so they are left out.
 DISCOVERED = tuple(
     name
     for top in ("services", "gateway", "tracking")
     for name in sorted(_module_name(path) for path in (REPO_ROOT / top).rglob("*.py"))
-    if not _allowed_torch(name) and not name.endswith(".__main__")
+    if not _allowed_torch(name) and not name.endswith(".__main__") and not name.startswith("gateway.migrations")
 )
 
 # The serving path named explicitly as well: these must exist, and a missing one fails rather than being skipped.

@@ -1,0 +1,152 @@
+"""The metadata store on SQLite and on a real PostgreSQL server, through the same code and migrations."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import create_engine, text
+
+from gateway.store import Store, make_engine, metadata, migrate, open_store
+from services.common.errors import ConfigError, InputError
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def url(request, tmp_path):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'meta.db'}"
+        return
+    base = request.getfixturevalue("postgres_url")
+    # A database per test, so tests never see each other's rows.
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    yield base.rsplit("/", 1)[0] + f"/{name}"
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+@pytest.fixture
+def store(url):
+    s = open_store(url)
+    yield s
+    s.close()
+
+
+def add(store: Store, rid: str) -> int:
+    return store.add_recording(
+        recording_id=rid,
+        sha256=rid.ljust(64, "0"),
+        source_name=f"{rid}.mp4",
+        size_bytes=10,
+        path=f"recordings/{rid}.mp4",
+        created_by="alice",
+        settings={"detect_every": 1},
+        models={"detector": "d", "classifier": "c"},
+    )
+
+
+def test_migrations_match_the_tables_and_run_twice(url):
+    migrate(url)
+    migrate(url)  # idempotent
+    engine = make_engine(url)
+    with engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    engine.dispose()
+    assert diff == []
+
+
+def test_sqlite_uses_wal(tmp_path):
+    engine = make_engine(f"sqlite:///{tmp_path / 'w.db'}")
+    with engine.connect() as conn:
+        assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
+    engine.dispose()
+
+
+def test_other_databases_are_refused():
+    with pytest.raises(ConfigError, match="expected sqlite"):
+        make_engine("mysql://x/y")
+
+
+def test_api_keys(store):
+    secret = store.create_api_key("alice", "uploader")
+    assert store.check_api_key(secret).name == "alice"
+    assert store.check_api_key(secret + "x") is None
+    with pytest.raises(InputError, match="exists"):
+        store.create_api_key("alice", "reviewer")
+    with pytest.raises(InputError, match="role"):
+        store.create_api_key("bob", "root")
+    assert store.revoke_api_key("alice")
+    assert store.check_api_key(secret) is None
+    assert not store.revoke_api_key("alice")
+    assert [k["name"] for k in store.list_api_keys()] == ["alice"]
+
+
+def test_each_job_is_claimed_once_by_concurrent_workers(store, url):
+    for i in range(12):
+        add(store, f"r{i:02d}")
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        own = Store(make_engine(url))
+        while (job := own.claim_job(f"w{n}", 30)) is not None:
+            with lock:
+                claimed.append(job.id)
+        own.close()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(claimed) == list(range(1, 13))
+    assert Counter(claimed).most_common(1)[0][1] == 1
+
+
+def test_an_expired_lease_is_claimed_again(store):
+    add(store, "r1")
+    job = store.claim_job("dead-worker", lease_s=0.2)
+    assert job is not None
+    assert store.claim_job("w2", 30) is None  # still leased
+    time.sleep(0.3)
+    again = store.claim_job("w2", 30)
+    assert again is not None
+    assert again.id == job.id
+    assert again.attempts == 2
+    assert not store.heartbeat(job.id, "dead-worker", 30, 5, 10, 1.0)  # the old owner lost it
+    assert not store.finish_job(job.id, "dead-worker", label_path="x", tracks=0, frames=1, error=None)
+    assert store.heartbeat(job.id, "w2", 30, 5, 10, 1.0)
+    assert store.finish_job(job.id, "w2", label_path="labels/r1/job-1.json", tracks=3, frames=10, error=None)
+    rec = store.get_recording("r1")
+    assert rec["status"] == "done"
+    assert rec["job"].tracks == 3
+
+
+def test_rerun_delete_and_audit(store):
+    add(store, "r1")
+    second = store.queue_job("r1", {"detect_every": 3}, {"detector": "d", "classifier": "c"}, "bob")
+    assert store.get_recording("r1")["job"].id == second
+    assert [j.status for j in store.jobs_of("r1")] == ["queued", "queued"]
+    assert store.find_by_sha256("r1".ljust(64, "0"))["id"] == "r1"
+    assert store.delete_recording("r1", "bob") is not None
+    assert store.get_recording("r1") is None
+    assert store.find_by_sha256("r1".ljust(64, "0")) is None
+    assert store.claim_job("w", 30) is None  # both jobs cancelled
+    assert [a["action"] for a in store.audit_of("r1")] == ["upload", "rerun", "delete"]
+    items, total = store.list_recordings()
+    assert (items, total) == ([], 0)
+
+
+def test_upload_offsets_move_only_from_where_they_are(store):
+    uid = store.create_upload(100, "a.mp4", {}, "alice")
+    assert store.advance_upload(uid, 0, 40)
+    assert not store.advance_upload(uid, 0, 60)  # a racing request with a stale offset loses
+    assert store.get_upload(uid)["offset"] == 40
