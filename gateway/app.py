@@ -65,6 +65,8 @@ class GatewaySettings(BaseSettings):
         classifier_model: Default classifier name.
         lease_s: How long a job stays a worker's without a heartbeat (a killed worker's job is retried after it).
         threads: ONNX Runtime threads per model in each worker (None: one per core).
+        engine: ``local``: each worker loads the models; ``ray``: workers call the models as shared Ray actors.
+        ray_address: Ray cluster for the ``ray`` engine (None: a local one).
     """
 
     model_config = SettingsConfigDict(env_prefix="ROADLABEL_", extra="forbid", frozen=True)
@@ -79,6 +81,8 @@ class GatewaySettings(BaseSettings):
     lease_s: float = Field(30.0, gt=0)
     threads: int | None = Field(None, ge=1)
     log_level: str = "WARNING"
+    engine: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""
@@ -394,6 +398,8 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
                     lease_s=settings.lease_s,
                     threads=settings.threads,
                     log_level=settings.log_level,
+                    engine=settings.engine,
+                    ray_address=settings.ray_address,
                 ),
                 settings.workers,
             )

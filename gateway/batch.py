@@ -45,11 +45,11 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO, Any, Literal
+from typing import IO, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -71,6 +71,7 @@ __all__ = [
     "Failure",
     "FileRow",
     "FoundRecording",
+    "MapEngine",
     "Outcome",
     "find_recordings",
     "job_key",
@@ -665,8 +666,10 @@ def run_batch(
     *,
     retry_failed: bool = False,
     on_event: Callable[[BatchEvent], None] | None = None,
+    engine: MapEngine | None = None,
 ) -> BatchSummary:
-    """Label every recording not yet labelled with these models and settings, in this process, one at a time.
+    """Label every recording not yet labelled with these models and settings, one at a time in this process, or
+    all at once as tasks of ``engine`` (Ray).
 
     Every recording gets a row; a recording that cannot be labelled is a ``failed`` row and the batch goes on. Each
     outcome is journaled as soon as it is known, and ``out_dir/batch-summary.json`` is written at the end (also,
@@ -681,7 +684,10 @@ def run_batch(
         classifier: Names tracks.
         settings: Pipeline settings, recorded in every label file.
         retry_failed: Try again recordings that failed in an earlier run with the same file, models and settings.
-        on_event: Called with a ``BatchEvent`` before and after each recording and while it is labelled.
+        on_event: Called with a ``BatchEvent`` before and after each recording and while it is labelled (with an
+            engine: when each recording starts being submitted and when it is done, no frame progress).
+        engine: Runs ``process_recording`` as remote tasks (``gateway.ray_engine.RayEngine``); the journal and the
+            summary stay here. ``detector`` and ``classifier`` are then the engine's (they name the models).
 
     Returns:
         The summary (also written to ``out_dir/batch-summary.json``).
@@ -708,12 +714,17 @@ def run_batch(
         )
         emit(BatchEvent("started", None, 0, total))
         claimed: dict[Path, FoundRecording] = {}
+        remote_calls: list[tuple[int, tuple[Any, ...]]] = []
         for index, item in enumerate(recordings):
             emit(BatchEvent("file_started", item.path, index, total))
             output = output_path_for(item.path, item.root, out_dir)
             first = claimed.setdefault(output, item)
             if first is not item:
                 row = _collision(item, out_dir, output, first)
+            elif engine is not None:
+                before = previous.get(_printable(output.relative_to(out_dir).as_posix()))
+                remote_calls.append((index, (item, out_dir, settings, before, retry_failed)))
+                continue
             else:
                 before = previous.get(_printable(output.relative_to(out_dir).as_posix()))
                 row = process_recording(
@@ -734,6 +745,18 @@ def run_batch(
                     "file_done", item.path, index, total, row.outcome, row.reason, row.frames, row.frames, row=row
                 )
             )
+        if engine is not None and remote_calls:
+            for k, row in engine.map_unordered(_process_remote, [args for _, args in remote_calls]):
+                index, (item, *_rest) = remote_calls[k]
+                before = _rest[2]
+                if _changed(row, before):
+                    journal.append("file", row.model_dump(mode="json"))
+                rows.append(row)
+                emit(
+                    BatchEvent(
+                        "file_done", item.path, index, total, row.outcome, row.reason, row.frames, row.frames, row=row
+                    )
+                )
     except BaseException as exc:
         stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         _write_summary_quietly(out_dir, _summary(rows, total, started, started_at, models, settings, stopped))
@@ -754,6 +777,29 @@ def run_batch(
     )
     emit(BatchEvent("finished", None, total, total, frames_done=summary.frames_labelled, summary=summary))
     return summary
+
+
+class MapEngine(Protocol):
+    """Runs calls as remote tasks (``gateway.ray_engine.RayEngine`` is one)."""
+
+    def map_unordered(self, fn: Callable[..., Any], calls: Sequence[tuple[Any, ...]]) -> Iterator[tuple[int, Any]]:
+        """``fn(detector, classifier, *args)`` per args tuple; (index, result) pairs as they finish."""
+        ...
+
+
+def _process_remote(
+    detector: Detector,
+    classifier: Classifier,
+    item: FoundRecording,
+    out_dir: Path,
+    settings: PipelineSettings,
+    previous: FileRow | None,
+    retry_failed: bool,
+) -> FileRow:
+    """``process_recording`` as a remote task runs it (models first, as ``MapEngine`` passes them)."""
+    return process_recording(
+        item, out_dir, detector, classifier, settings, previous=previous, retry_failed=retry_failed
+    )
 
 
 def _collision(item: FoundRecording, out_dir: Path, output: Path, first: FoundRecording) -> FileRow:

@@ -11,6 +11,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 from tqdm import tqdm
@@ -25,11 +26,18 @@ from gateway.batch import (
     find_recordings,
     run_batch,
 )
-from gateway.cli import EXIT_INPUT_ERRORS, EXIT_MODEL_ERROR, EXIT_OK, EXIT_USAGE
-from gateway.detect_cli import _add_model_options, _load_models, _say
+from gateway.cli import EXIT_INPUT_ERRORS, EXIT_MODEL_ERROR, EXIT_OK, EXIT_USAGE, MODEL_ENV_VAR
+from gateway.detect_cli import DETECTOR_ENV_VAR, _add_model_options, _load_models, _model_path, _say
 from gateway.label_cli import load_pipeline_settings
+from gateway.pipeline import PipelineSettings
+from services.classifier.api import Classifier
+from services.classifier.models import default_classifier_path
 from services.common.errors import ConfigError, InputError, ModelError, ServiceUnavailable
-from services.detector.api import DetectorSettings
+from services.detector.api import Detector, DetectorSettings
+from services.detector.models import default_detector_path
+
+if TYPE_CHECKING:  # Ray is imported only for --engine ray
+    from gateway.ray_engine import RayEngine
 
 __all__ = ["add_commands"]
 
@@ -87,7 +95,41 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     )
     cmd.add_argument("--no-progress", action="store_true", help="no progress bars (status lines only)")
     _add_model_options(cmd, batch_size=None, image_workers=False)
+    cmd.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one recording after another in this process; ray: recordings as Ray tasks, the models as "
+        "Ray actors with their own replicas and batching (default: %(default)s)",
+    )
+    cmd.add_argument(
+        "--address",
+        metavar="ADDR",
+        help="Ray cluster to join (auto, HOST:6379 or ray://HOST:10001; default: start one)",
+    )
+    cmd.add_argument("--detector-replicas", type=int, default=1, metavar="N", help="Ray: detector actors (default 1)")
+    cmd.add_argument("--classifier-replicas", type=int, default=1, metavar="N", help="Ray: classifier actors")
+    cmd.add_argument("--detector-gpus", type=float, default=0.0, metavar="G", help="Ray: GPUs per detector actor")
     cmd.set_defaults(run=_run_batch)
+
+
+def _ray_engine(args: argparse.Namespace, settings: PipelineSettings) -> RayEngine | None:
+    from gateway.ray_engine import RayEngine, RaySettings
+
+    det_path, _ = _model_path(args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector")
+    cls_path, _ = _model_path(args.classifier, MODEL_ENV_VAR, default_classifier_path(), "--classifier")
+    try:
+        ray_settings = RaySettings(
+            address=args.address,
+            detector_replicas=args.detector_replicas,
+            classifier_replicas=args.classifier_replicas,
+            detector_num_gpus=args.detector_gpus,
+            threads=args.threads,
+        )
+        return RayEngine(ray_settings, det_path, cls_path, settings.detect_batch)
+    except (ModelError, ServiceUnavailable, ValidationError, ConnectionError) as exc:
+        _say(f"roadlabel: ray: {exc}")
+        return None
 
 
 def _run_batch(args: argparse.Namespace) -> int:
@@ -113,10 +155,19 @@ def _run_batch(args: argparse.Namespace) -> int:
             + f" ({' '.join(sorted(VIDEO_SUFFIXES))}, after --include/--exclude), got none"
         )
         return EXIT_INPUT_ERRORS
-    models = _load_models(args, detector_settings)
-    if models is None:
-        return EXIT_MODEL_ERROR
-    detector, classifier = models
+    engine = None
+    detector: Detector
+    classifier: Classifier
+    if args.engine == "ray":
+        engine = _ray_engine(args, settings)
+        if engine is None:
+            return EXIT_MODEL_ERROR
+        detector, classifier = engine.detector, engine.classifier
+    else:
+        models = _load_models(args, detector_settings)
+        if models is None:
+            return EXIT_MODEL_ERROR
+        detector, classifier = models
     if args.score_threshold is not None:
         _say(
             "roadlabel: note: --score-threshold is not recorded in label files, so a later batch with another "
@@ -166,6 +217,7 @@ def _run_batch(args: argparse.Namespace) -> int:
                 settings,
                 retry_failed=args.retry_failed,
                 on_event=on_event,
+                engine=engine,
             )
         except (ModelError, ServiceUnavailable, ConfigError) as exc:
             frames_bar.close()

@@ -37,6 +37,10 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     serve.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     serve.add_argument("--workers", type=int, metavar="N", help="labelling worker processes (default: 1)")
+    serve.add_argument(
+        "--engine", choices=["local", "ray"], help="local: models in each worker; ray: models as shared Ray actors"
+    )
+    serve.add_argument("--address", metavar="ADDR", help="Ray cluster for --engine ray (default: start a local one)")
     _store_options(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -69,7 +73,9 @@ def _run_serve(args: argparse.Namespace) -> int:
     from gateway.app import GatewaySettings, create_app
 
     try:
-        settings = _settings(args, workers=args.workers, log_level=args.log_level)
+        settings = _settings(
+            args, workers=args.workers, log_level=args.log_level, engine=args.engine, ray_address=args.address
+        )
     except ValidationError as exc:
         _say(f"roadlabel: settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")
         return EXIT_USAGE

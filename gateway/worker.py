@@ -16,14 +16,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gateway.pipeline import PipelineSettings, Progress, label_recording
 from gateway.store import Job, Store, make_engine
+from services.classifier.api import Classifier
 from services.classifier.onnx import OnnxClassifier
 from services.common import log as logsetup
 from services.common.errors import LabelingError, ModelError
 from services.common.labelfile import save_label_file
-from services.detector.api import DetectorSettings
+from services.detector.api import Detector, DetectorSettings
 from services.detector.onnx import OnnxDetector
 
 __all__ = ["WorkerConfig", "WorkerPool", "label_path_for", "process_one", "run_worker"]
@@ -42,6 +44,9 @@ class WorkerConfig:
         poll_s: How long to sleep when no job is waiting.
         threads: ONNX Runtime threads per model (None: one per core).
         log_level: Level for the worker's JSON log lines.
+        engine: ``local`` (models in the worker process) or ``ray`` (the models as shared Ray actors, so many
+            workers, on many machines, feed one detector pool).
+        ray_address: The Ray cluster for ``ray`` (None: a local one).
     """
 
     database_url: str
@@ -50,6 +55,8 @@ class WorkerConfig:
     poll_s: float = 0.5
     threads: int | None = None
     log_level: str = "WARNING"
+    engine: str = "local"
+    ray_address: str | None = None
 
 
 def label_path_for(recording_id: str, job_id: int) -> str:
@@ -58,14 +65,30 @@ def label_path_for(recording_id: str, job_id: int) -> str:
 
 
 class _Models:
-    """Models by path, loaded once per worker process."""
+    """Models by path, loaded once per worker process (or, with the Ray engine, actors found or started once)."""
 
-    def __init__(self, threads: int | None) -> None:
+    def __init__(self, threads: int | None, engine: str = "local", ray_address: str | None = None) -> None:
         self.threads = threads
+        self.engine = engine
+        self.ray_address = ray_address
         self._detectors: dict[tuple[str, int], OnnxDetector] = {}
         self._classifiers: dict[str, OnnxClassifier] = {}
+        self._ray: dict[tuple[str, str, int], Any] = {}
 
-    def get(self, paths: dict[str, str], settings: PipelineSettings) -> tuple[OnnxDetector, OnnxClassifier]:
+    def get(self, paths: dict[str, str], settings: PipelineSettings) -> tuple[Detector, Classifier]:
+        if self.engine == "ray":
+            from gateway.ray_engine import RayEngine, RaySettings
+
+            rkey = (paths["detector"], paths["classifier"], settings.detect_batch)
+            if rkey not in self._ray:
+                self._ray[rkey] = RayEngine(
+                    RaySettings(address=self.ray_address, threads=self.threads),
+                    Path(paths["detector"]),
+                    Path(paths["classifier"]),
+                    settings.detect_batch,
+                )
+            engine = self._ray[rkey]
+            return engine.detector, engine.classifier
         key = (paths["detector"], settings.detect_batch)
         if key not in self._detectors:
             self._detectors[key] = OnnxDetector(
@@ -134,7 +157,7 @@ def run_worker(config: WorkerConfig, stop: threading.Event | multiprocessing.syn
     """Claim and run jobs until ``stop`` is set (the body of a worker process)."""
     store = Store(make_engine(config.database_url))
     owner = f"{name}-{os.getpid()}"
-    models = _Models(config.threads)
+    models = _Models(config.threads, config.engine, config.ray_address)
     try:
         while not stop.is_set():
             job = store.claim_job(owner, config.lease_s)

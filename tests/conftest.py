@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 
@@ -34,3 +35,13 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(message)
     with temporary_postgres(tmp_path_factory.mktemp("postgres")) as url:
         yield url
+
+
+@pytest.fixture
+def restore_root_logger() -> Iterator[None]:
+    """Undo what an entry point's ``services.common.log.setup()`` did to the root logger."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

@@ -175,10 +175,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per round per case")
     parser.add_argument(
-        "--only", choices=["classifier", "detector", "video"], help="run one bench (default: all of them)"
+        "--only", choices=["classifier", "detector", "video", "gateway"], help="run one bench (default: all of them)"
     )
     parser.add_argument("--video-rounds", type=int, default=3, help="rounds per video case (each labels a clip)")
     parser.add_argument("--video-frames", type=int, default=150, help="frames per synthetic clip")
+    parser.add_argument("--clients", type=int, default=20, help="gateway load test: concurrent clients")
+    parser.add_argument("--uploads", type=int, default=100, help="gateway load test: uploads in all")
+    parser.add_argument("--big-gb", type=float, default=2.0, help="gateway load test: size of the one big upload")
     args = parser.parse_args(argv)
     # torch's OpenMP workers busy-wait after each call by default; interleaved with ONNX Runtime on 2 cores they
     # would take the cores ONNX Runtime needs and make every figure meaningless. Set before torch loads libgomp.
@@ -191,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         from tests.bench.video import bench_video  # after the others: it writes temporary clips
 
         bench_video(args.video_rounds, args.video_frames)
+    if args.only in (None, "gateway"):
+        from tests.bench.gateway import bench_gateway
+
+        bench_gateway(args.clients, args.uploads, args.big_gb)
     return 0
 
 

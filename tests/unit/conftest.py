@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -103,13 +102,3 @@ def tiny_classifier_path(make_tiny_classifier: MakeTinyClassifier) -> Path:
 def tiny_reference() -> Callable[..., np.ndarray]:
     """``f(crops_64, temperature=1.0)``: the tiny model's log-probs computed in numpy, for (B, 64, 64, 3) crops."""
     return _tiny_reference_log_probs
-
-
-@pytest.fixture
-def restore_root_logger() -> Iterator[None]:
-    """Undo what an entry point's ``services.common.log.setup()`` did to the root logger."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
