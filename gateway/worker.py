@@ -16,17 +16,19 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.pipeline import PipelineSettings, Progress, label_recording
 from gateway.store import Job, Store, make_engine
 from services.classifier.api import Classifier
-from services.classifier.onnx import OnnxClassifier
 from services.common import log as logsetup
 from services.common.errors import LabelingError, ModelError
 from services.common.labelfile import save_label_file
 from services.detector.api import Detector, DetectorSettings
-from services.detector.onnx import OnnxDetector
+
+if TYPE_CHECKING:
+    from services.classifier.onnx import OnnxClassifier
+    from services.detector.onnx import OnnxDetector
 
 __all__ = ["WorkerConfig", "WorkerPool", "label_path_for", "process_one", "run_worker"]
 
@@ -89,6 +91,10 @@ class _Models:
                 )
             engine = self._ray[rkey]
             return engine.detector, engine.classifier
+        # Imported here: the server process (which only holds the pool) never loads ONNX Runtime.
+        from services.classifier.onnx import OnnxClassifier
+        from services.detector.onnx import OnnxDetector
+
         key = (paths["detector"], settings.detect_batch)
         if key not in self._detectors:
             self._detectors[key] = OnnxDetector(
