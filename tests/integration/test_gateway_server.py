@@ -191,3 +191,23 @@ def test_graceful_stop_takes_the_workers_down(tmp_path, signal_name):
         # uvicorn shuts down, then re-raises the signal it caught, so the exit status names the signal
         assert proc.wait(timeout=30) in (0, -signal.SIGTERM, -signal.SIGINT, 130)
         assert group_gone(proc.pid, timeout_s=15)  # nothing of its process group is left
+
+
+def test_an_upload_cut_off_mid_way_leaves_nothing_and_the_server_up(tmp_path):
+    data = tmp_path / "data"
+    key = create_key(data, "cutter")
+    port = free_port()
+    with server(data, port, workers=0) as proc:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            head = (
+                f"POST /recordings?filename=cut.mp4 HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                "Content-Type: video/mp4\r\nContent-Length: 1000000\r\n\r\n"
+            )
+            sock.sendall(head.encode() + b"\x00" * 50_000)  # then the client goes away
+        deadline = time.monotonic() + 10
+        while any((data / "tmp").iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert list((data / "tmp").iterdir()) == []
+        assert proc.poll() is None
+        listed = httpx2.get(f"http://127.0.0.1:{port}/recordings", headers={"Authorization": f"Bearer {key}"})
+        assert listed.json()["total"] == 0

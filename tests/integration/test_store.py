@@ -150,3 +150,23 @@ def test_upload_offsets_move_only_from_where_they_are(store):
     assert store.advance_upload(uid, 0, 40)
     assert not store.advance_upload(uid, 0, 60)  # a racing request with a stale offset loses
     assert store.get_upload(uid)["offset"] == 40
+
+
+def test_the_gateway_on_postgresql(url, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from gateway.app import GatewaySettings, create_app
+    from gateway.worker import WorkerConfig, _Models, process_one
+    from tests.synthvideo import make_tiny_video
+
+    settings = GatewaySettings(data_dir=tmp_path / "data", database_url=url, workers=0)
+    clip = make_tiny_video(tmp_path / "t.mp4", 64, 48, n_frames=4).path.read_bytes()
+    with TestClient(create_app(settings, start_workers=False)) as client:
+        store = client.app.state.gateway.store  # type: ignore[attr-defined]
+        headers = {"Authorization": f"Bearer {store.create_api_key('u', 'uploader')}", "Content-Type": "video/mp4"}
+        rec = client.post("/recordings", content=clip, headers=headers).json()
+        job = store.claim_job("w", 30)
+        process_one(store, WorkerConfig(url, settings.data_dir.resolve()), "w", job, _Models(None))
+        got = client.get(f"/recordings/{rec['id']}", headers=headers).json()
+        assert got["status"] == "done"
+        assert client.get(f"/recordings/{rec['id']}/labels", headers=headers).json()["recording"]["frame_count"] == 4
