@@ -23,6 +23,7 @@ import tempfile
 import unicodedata
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -40,7 +41,7 @@ from gateway.pipeline import PipelineSettings
 from gateway.store import ApiKey, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
 from services.common.errors import InputError, UnreadableVideo
-from services.common.labelfile import load_label_file
+from services.common.labelfile import LabelFile, ReviewAction, Track, apply_review, load_label_file
 from services.decode.reader import DecodeSettings, VideoReader
 
 __all__ = ["ApiError", "GatewaySettings", "create_app"]
@@ -199,6 +200,70 @@ class RerunIn(BaseModel):
     settings: dict[str, Any] = Field(default_factory=dict)
     detector: str | None = None
     classifier: str | None = None
+
+
+class ReviewActionIn(BaseModel):
+    """A reviewer decision (``services.common.labelfile.ReviewAction`` without who and when, which the server adds)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"action": "accept", "track_id": 3},
+                {"action": "relabel", "track_id": 4, "class_id": 2},
+                {"action": "merge", "track_id": 5, "other_track_id": 6},
+                {"action": "split", "track_id": 7, "frame": 120},
+                {"action": "accept_above", "threshold": 0.97},
+            ]
+        },
+    )
+
+    action: Literal["accept", "reject", "relabel", "merge", "split", "accept_above"]
+    track_id: int | None = None
+    other_track_id: int | None = None
+    class_id: int | None = None
+    frame: int | None = None
+    threshold: float | None = None
+
+
+class QueueItem(BaseModel):
+    """A track as the review queue shows it."""
+
+    track_id: int
+    class_id: int
+    class_name: str
+    confidence: float
+    crop_agreement: float
+    uncertain: bool
+    uncertainty: list[str]
+    top_classes: list[dict[str, Any]]
+    first_frame: int
+    last_frame: int
+    start_s: float
+    end_s: float
+    boxes: int
+    review: dict[str, Any]
+
+
+class ReviewState(BaseModel):
+    """Where the review of a recording's current label file stands."""
+
+    recording_id: str
+    job_id: int
+    tracks: int
+    pending: int
+    decided: int
+    reviewed: bool
+    model_right: int
+    decisions: int
+    time_spent_s: float
+    accept_above_preview: dict[str, float | int] | None
+    queue: list[QueueItem]
+
+
+def review_order(track: Track) -> tuple[int, float, float, int]:
+    """The review queue's order: undecided first, then the least confident, the most disagreeing crops first."""
+    return (track.review.status != "pending", track.confidence, track.crop_agreement, track.track_id)
 
 
 def _iso(value: Any) -> str | None:
@@ -380,6 +445,8 @@ UploaderKey = Annotated[ApiKey, Depends(_role("uploader"))]
 """An uploader's (or admin's) key."""
 ReaderKey = Annotated[ApiKey, Depends(_role("uploader", "reviewer"))]
 """Any valid key."""
+ReviewerKey = Annotated[ApiKey, Depends(_role("reviewer"))]
+"""A reviewer's (or admin's) key."""
 
 
 def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> FastAPI:  # noqa: C901 - the route table
@@ -541,9 +608,15 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             409: {"model": ErrorBody},
         },
     )
-    async def get_labels(recording_id: str, _key: ReaderKey) -> FileResponse:
-        """The label file of the recording's current job."""
-        return FileResponse(label_file_of(recording_id), media_type="application/json")
+    async def get_labels(
+        recording_id: str, _key: ReaderKey, view: Annotated[Literal["reviewed", "machine"], Query()] = "reviewed"
+    ) -> Response:
+        """The label file of the recording's current job: with the reviewers' decisions applied (``reviewed``, the
+        default), or as the machine wrote it (``machine``)."""
+        if view == "machine":
+            return FileResponse(label_file_of(recording_id), media_type="application/json")
+        _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
+        return Response(labels.model_dump_json(indent=1), media_type="application/json")
 
     @app.get("/recordings/{recording_id}/export", tags=["recordings"], responses={409: {"model": ErrorBody}})
     async def export(
@@ -551,9 +624,9 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         _key: ReaderKey,
         format: Annotated[Literal["cvat-video", "mot", "label-studio"], Query()],  # noqa: A002 - the API's name
     ) -> Response:
-        """The labels as CVAT for video 1.1 XML, MOTChallenge (zip) or Label Studio predictions JSON."""
-        path = label_file_of(recording_id)
-        labels = await anyio.to_thread.run_sync(load_label_file, path)
+        """The labels, with the reviewers' decisions, as CVAT for video 1.1 XML, MOTChallenge (zip) or Label Studio
+        predictions JSON."""
+        _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
         with tempfile.TemporaryDirectory(dir=gw.data_dir / "tmp") as tmp:
             name = {"cvat-video": "labels.xml", "mot": "labels.zip", "label-studio": "labels.json"}[format]
             await anyio.to_thread.run_sync(lambda: export_labels(labels, format, Path(tmp) / name))
@@ -590,6 +663,91 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             recording_id, merged.model_dump(mode="json"), gw.models(body.detector, body.classifier), key.name
         )
         return _recording_out(gw.recording(recording_id))
+
+    # -- review ---------------------------------------------------------------------------------------------------
+
+    def reviewed(recording_id: str) -> tuple[dict[str, Any], Job, LabelFile, list[dict[str, Any]]]:
+        path = label_file_of(recording_id)
+        rec = gw.recording(recording_id)
+        job: Job = rec["job"]
+        actions = gw.store.review_actions_of(job.id)
+        labels = apply_review(load_label_file(path), [ReviewAction.model_validate(a["action"]) for a in actions])
+        return rec, job, labels, actions
+
+    def state(recording_id: str, preview: float | None = None) -> ReviewState:
+        _rec, job, labels, actions = reviewed(recording_id)
+        tracks = labels.tracks
+        pending = sum(t.review.status == "pending" for t in tracks)
+        spent = (actions[-1]["at"] - actions[0]["at"]).total_seconds() if len(actions) > 1 else 0.0
+        preview_out = None
+        if preview is not None:
+            n = sum(t.review.status == "pending" and t.class_id >= 0 and t.confidence >= preview for t in tracks)
+            preview_out = {"threshold": preview, "tracks": n}
+        return ReviewState(
+            recording_id=recording_id,
+            job_id=job.id,
+            tracks=len(tracks),
+            pending=pending,
+            decided=len(tracks) - pending,
+            reviewed=bool(tracks) and pending == 0,
+            model_right=sum(t.review.status == "accepted" for t in tracks),
+            decisions=len(actions),
+            time_spent_s=spent,
+            accept_above_preview=preview_out,
+            queue=[
+                QueueItem(
+                    track_id=t.track_id,
+                    class_id=t.class_id,
+                    class_name=t.class_name,
+                    confidence=t.confidence,
+                    crop_agreement=t.crop_agreement,
+                    uncertain=t.uncertain,
+                    uncertainty=list(t.uncertainty),
+                    top_classes=[c.model_dump() for c in t.top_classes],
+                    first_frame=t.first_frame,
+                    last_frame=t.last_frame,
+                    start_s=t.start_s,
+                    end_s=t.end_s,
+                    boxes=len(t.boxes),
+                    review=t.review.model_dump(),
+                )
+                for t in sorted(tracks, key=review_order)
+            ],
+        )
+
+    @app.get("/recordings/{recording_id}/review", response_model=ReviewState, tags=["review"])
+    async def get_review(
+        recording_id: str,
+        _key: ReaderKey,
+        preview_accept_above: Annotated[float | None, Query(ge=0, le=1)] = None,
+    ) -> ReviewState:
+        """The review queue (undecided and least confident first), counts, and optionally how many tracks
+        "accept all above X" would accept."""
+        return await anyio.to_thread.run_sync(lambda: state(recording_id, preview_accept_above))
+
+    @app.post("/recordings/{recording_id}/review/actions", response_model=ReviewState, tags=["review"])
+    async def review_action(recording_id: str, body: ReviewActionIn, key: ReviewerKey) -> ReviewState:
+        """Record one decision (saved at once, with who and when); answers the new state."""
+        _rec, job, labels, actions = reviewed(recording_id)
+        try:
+            action = ReviewAction(**body.model_dump(), by=key.name, at=datetime.now(UTC).isoformat())
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ApiError(422, "bad_review_action", str(first["msg"]).removeprefix("Value error, ")) from exc
+        try:
+            apply_review(labels, [action])  # refuse what cannot apply before storing it
+        except InputError as exc:
+            raise ApiError(422, "bad_review_action", str(exc)) from exc
+        gw.store.add_review_action(recording_id, job.id, action.model_dump(mode="json"), key.name)
+        return state(recording_id)
+
+    @app.post("/recordings/{recording_id}/review/undo", response_model=ReviewState, tags=["review"])
+    async def review_undo(recording_id: str, key: ReviewerKey) -> ReviewState:
+        """Undo the latest decision (anyone's); 409 when there is none."""
+        _rec, job, _labels, _actions = reviewed(recording_id)
+        if gw.store.undo_review_action(recording_id, job.id, key.name) is None:
+            raise ApiError(409, "nothing_to_undo", f"recording {recording_id!r}: no decision to undo")
+        return state(recording_id)
 
     # -- tus 1.0.0 resumable uploads (core protocol + creation) -----------------------------------------------------
 

@@ -139,6 +139,21 @@ audit = Table(
 )
 
 
+review_actions = Table(
+    "review_actions",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("recording_id", String(32), ForeignKey("recordings.id"), nullable=False),
+    Column("job_id", Integer, ForeignKey("jobs.id"), nullable=False),
+    Column("action", JSON, nullable=False),  # a services.common.labelfile.ReviewAction
+    Column("actor", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("undone_at", DateTime(timezone=True), nullable=True),
+    Column("undone_by", String(64), nullable=True),
+    Index("ix_review_actions_job", "job_id", "id"),
+)
+
+
 def _now() -> datetime:
     return datetime.now(UTC)
 
@@ -595,6 +610,48 @@ class Store:
         """Remember which recording a completed upload became."""
         with self._tx() as conn:
             conn.execute(update(uploads).where(uploads.c.id == upload_id).values(recording_id=recording_id))
+
+    # -- review -------------------------------------------------------------------------------------------------------
+
+    def add_review_action(self, recording_id: str, job_id: int, action: dict[str, Any], actor: str) -> int:
+        """Store one reviewer decision on a job's label file (and audit it); returns its id."""
+        with self._tx() as conn:
+            result = conn.execute(
+                insert(review_actions).values(
+                    recording_id=recording_id, job_id=job_id, action=action, actor=actor, at=_now()
+                )
+            )
+            self._audit(conn, actor, f"review:{action['action']}", recording_id, {"job_id": job_id, **action})
+        return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    def review_actions_of(self, job_id: int) -> list[dict[str, Any]]:
+        """A job's decisions not undone, oldest first."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(review_actions)
+                .where(review_actions.c.job_id == job_id, review_actions.c.undone_at.is_(None))
+                .order_by(review_actions.c.id)
+            ).all()
+        return [{**dict(r._mapping), "at": _aware(r.at)} for r in rows]
+
+    def undo_review_action(self, recording_id: str, job_id: int, actor: str) -> dict[str, Any] | None:
+        """Undo the job's latest decision not yet undone; returns it, or None when there is none."""
+        with self._tx() as conn:
+            row = conn.execute(
+                select(review_actions)
+                .where(review_actions.c.job_id == job_id, review_actions.c.undone_at.is_(None))
+                .order_by(review_actions.c.id.desc())
+                .limit(1)
+            ).first()
+            if row is None:
+                return None
+            conn.execute(
+                update(review_actions)
+                .where(review_actions.c.id == row.id, review_actions.c.undone_at.is_(None))
+                .values(undone_at=_now(), undone_by=actor)
+            )
+            self._audit(conn, actor, "review:undo", recording_id, {"job_id": job_id, "undid": row.id})
+        return dict(row._mapping)
 
     # -- audit --------------------------------------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from services.common.classes import GTSRB_CLASS_NAMES, UNKNOWN
 from services.common.errors import InputError
 from services.common.modelcard import atomic_write_bytes
 
@@ -35,10 +36,12 @@ __all__ = [
     "ModelRef",
     "Recording",
     "Review",
+    "ReviewAction",
     "RunStats",
     "ScoredClass",
     "Track",
     "UncertaintyReason",
+    "apply_review",
     "load_label_file",
     "save_label_file",
 ]
@@ -307,6 +310,142 @@ class LabelFile(_Strict):
                     f"got {track.last_frame}"
                 )
         return self
+
+
+class ReviewAction(_Strict):
+    """One reviewer decision, as stored and replayed onto the machine's label file (``apply_review``).
+
+    Attributes:
+        action: ``accept`` / ``reject`` (not a sign) / ``relabel`` (``class_id``) one track; ``merge``
+            ``other_track_id`` into ``track_id`` (the same sign); ``split`` ``track_id`` at ``frame`` (the part from
+            ``frame`` on becomes a new pending track); ``accept_above`` every pending track whose confidence is at
+            least ``threshold``.
+        track_id: The track acted on.
+        other_track_id: ``merge``: the track that disappears into ``track_id``.
+        class_id: ``relabel``: 0..42, or -1 for ``unknown``.
+        frame: ``split``: the first frame of the new track.
+        threshold: ``accept_above``: the confidence from which tracks are accepted.
+        by: Who (an API key's name).
+        at: When, ISO 8601 UTC.
+    """
+
+    action: Literal["accept", "reject", "relabel", "merge", "split", "accept_above"]
+    track_id: int | None = None
+    other_track_id: int | None = None
+    class_id: int | None = Field(None, ge=-1, le=len(GTSRB_CLASS_NAMES) - 1)
+    frame: int | None = Field(None, ge=0)
+    threshold: float | None = Field(None, ge=0, le=1)
+    by: str = Field(min_length=1, max_length=64)
+    at: str
+
+    @model_validator(mode="after")
+    def _fields_for_the_action(self) -> ReviewAction:
+        need = {
+            "accept": ("track_id",),
+            "reject": ("track_id",),
+            "relabel": ("track_id", "class_id"),
+            "merge": ("track_id", "other_track_id"),
+            "split": ("track_id", "frame"),
+            "accept_above": ("threshold",),
+        }[self.action]
+        missing = [name for name in need if getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"{self.action}: expected {', '.join(need)}, got no {', '.join(missing)}")
+        return self
+
+
+def _merged(keep: Track, gone: Track) -> Track:
+    by_frame: dict[int, Box] = {}
+    for box in (*keep.boxes, *gone.boxes):
+        if box.frame not in by_frame or box.score > by_frame[box.frame].score:
+            by_frame[box.frame] = box
+    boxes = tuple(by_frame[f] for f in sorted(by_frame))
+    crops = tuple(
+        sorted((*keep.best_crops, *gone.best_crops), key=lambda c: -c.quality)[: max(5, len(keep.best_crops))]
+    )
+    return keep.model_copy(
+        update={
+            "boxes": boxes,
+            "best_crops": crops,
+            "first_frame": boxes[0].frame,
+            "last_frame": boxes[-1].frame,
+            "start_s": boxes[0].t_s,
+            "end_s": boxes[-1].t_s,
+        }
+    )
+
+
+def _part(track: Track, boxes: tuple[Box, ...], track_id: int) -> Track:
+    frames = {b.frame for b in boxes}
+    return track.model_copy(
+        update={
+            "track_id": track_id,
+            "boxes": boxes,
+            "best_crops": tuple(c for c in track.best_crops if c.frame in frames),
+            "first_frame": boxes[0].frame,
+            "last_frame": boxes[-1].frame,
+            "start_s": boxes[0].t_s,
+            "end_s": boxes[-1].t_s,
+            "review": Review(),
+        }
+    )
+
+
+def apply_review(labels: LabelFile, actions: list[ReviewAction] | tuple[ReviewAction, ...]) -> LabelFile:
+    """The label file with reviewer decisions replayed onto it, in order.
+
+    Merges and splits change the tracks (a split's new track gets the next free id, so replaying the same actions
+    always gives the same ids); the other actions set each track's ``review``.
+
+    Raises:
+        InputError: An action names a track that does not exist (any more), merges a track with itself, or splits
+            outside a track; the message names the action.
+    """
+    tracks: dict[int, Track] = {t.track_id: t for t in labels.tracks}
+
+    def get(track_id: int | None, action: ReviewAction) -> Track:
+        if track_id is None or track_id not in tracks:
+            raise InputError(f"{action.action}: expected one of the tracks {sorted(tracks)}, got track {track_id}")
+        return tracks[track_id]
+
+    for action in actions:
+        decided = {"by": action.by, "at": action.at}
+        if action.action in ("accept", "reject"):
+            track = get(action.track_id, action)
+            status = "accepted" if action.action == "accept" else "rejected"
+            tracks[track.track_id] = track.model_copy(update={"review": Review(status=status, **decided)})
+        elif action.action == "relabel":
+            track = get(action.track_id, action)
+            cid = action.class_id if action.class_id is not None else -1
+            name = UNKNOWN if cid < 0 else GTSRB_CLASS_NAMES[cid]
+            review = Review(status="relabelled", class_id=cid, class_name=name, **decided)
+            tracks[track.track_id] = track.model_copy(update={"review": review})
+        elif action.action == "merge":
+            keep, gone = get(action.track_id, action), get(action.other_track_id, action)
+            if keep.track_id == gone.track_id:
+                raise InputError(f"merge: expected two different tracks, got track {keep.track_id} twice")
+            tracks[keep.track_id] = _merged(keep, gone)
+            del tracks[gone.track_id]
+        elif action.action == "split":
+            track = get(action.track_id, action)
+            frame = action.frame if action.frame is not None else 0
+            before = tuple(b for b in track.boxes if b.frame < frame)
+            after = tuple(b for b in track.boxes if b.frame >= frame)
+            if not before or not after:
+                raise InputError(
+                    f"split: expected a frame inside track {track.track_id} ({track.first_frame + 1}.."
+                    f"{track.last_frame}), got {frame}"
+                )
+            new_id = max(tracks) + 1
+            tracks[track.track_id] = _part(track, before, track.track_id)
+            tracks[new_id] = _part(track, after, new_id)
+        else:  # accept_above
+            threshold = action.threshold if action.threshold is not None else 1.0
+            for tid, track in list(tracks.items()):
+                if track.review.status == "pending" and track.class_id >= 0 and track.confidence >= threshold:
+                    tracks[tid] = track.model_copy(update={"review": Review(status="accepted", **decided)})
+    ordered = sorted(tracks.values(), key=lambda t: (t.first_frame, t.track_id))
+    return labels.model_copy(update={"tracks": tuple(ordered)})
 
 
 def save_label_file(path: Path, labels: LabelFile) -> None:
