@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import anyio
+import numpy as np
 from fastapi import Depends, FastAPI, Header, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
@@ -42,7 +43,7 @@ from gateway.store import ApiKey, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
 from services.common.errors import InputError, UnreadableVideo
 from services.common.labelfile import LabelFile, ReviewAction, Track, apply_review, load_label_file
-from services.decode.reader import DecodeSettings, VideoReader
+from services.decode.reader import DecodeSettings, VideoReader, read_frame_at
 
 __all__ = ["ApiError", "GatewaySettings", "create_app"]
 
@@ -514,6 +515,18 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         codes = {404: "not_found", 405: "method_not_allowed"}
         return error(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
 
+    from fastapi.responses import RedirectResponse
+    from fastapi.staticfiles import StaticFiles
+
+    from gateway.review import STATIC_DIR
+
+    app.mount("/ui", StaticFiles(directory=STATIC_DIR, html=True), name="ui")
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> RedirectResponse:
+        """The reviewer page."""
+        return RedirectResponse("/ui/")
+
     @app.get("/healthz", tags=["meta"])
     async def healthz() -> dict[str, Any]:
         """Liveness: the server answers and how many workers it runs."""
@@ -748,6 +761,108 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         if gw.store.undo_review_action(recording_id, job.id, key.name) is None:
             raise ApiError(409, "nothing_to_undo", f"recording {recording_id!r}: no decision to undo")
         return state(recording_id)
+
+    # -- what the reviewer page shows ------------------------------------------------------------------------------
+
+    def jpeg(image: Any, max_w: int) -> bytes:
+        import io
+
+        from PIL import Image
+
+        pil = Image.fromarray(image)
+        if pil.width > max_w:
+            pil = pil.resize((max_w, max(1, round(pil.height * max_w / pil.width))), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        pil.save(buf, format="JPEG", quality=85)
+        return buf.getvalue()
+
+    @app.get("/recordings/{recording_id}/timeline", tags=["review"])
+    async def timeline(recording_id: str, _key: ReaderKey) -> dict[str, Any]:
+        """One lane per track (times, class, confidence, decision) without boxes: small for any recording length."""
+        _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
+        rec = labels.recording
+        return {
+            "recording": {
+                "id": rec.id,
+                "source": rec.source,
+                "width": rec.width,
+                "height": rec.height,
+                "fps": rec.fps,
+                "frame_count": rec.frame_count,
+                "duration_s": rec.duration_s,
+                "gaps": [g.model_dump() for g in rec.gaps],
+            },
+            "models": {k: v.model_dump() for k, v in labels.models.items()},
+            "lanes": [
+                {
+                    "track_id": t.track_id,
+                    "class_id": t.review.class_id if t.review.status == "relabelled" else t.class_id,
+                    "class_name": t.review.class_name if t.review.status == "relabelled" else t.class_name,
+                    "confidence": t.confidence,
+                    "start_s": t.start_s,
+                    "end_s": t.end_s,
+                    "status": t.review.status,
+                    "uncertainty": list(t.uncertainty),
+                    "crops": len(t.best_crops),
+                }
+                for t in labels.tracks
+            ],
+        }
+
+    @app.get("/recordings/{recording_id}/boxes", tags=["review"])
+    async def boxes_between(
+        recording_id: str,
+        _key: ReaderKey,
+        from_s: Annotated[float, Query(ge=0)],
+        to_s: Annotated[float, Query(ge=0)],
+    ) -> list[dict[str, Any]]:
+        """The boxes shown between two times (at most 10 minutes of them): the page loads only what it draws."""
+        if not to_s >= from_s or to_s - from_s > 600:
+            raise ApiError(422, "bad_window", f"from_s/to_s: expected a window of at most 600 s, got {from_s}..{to_s}")
+        _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
+        return [
+            {"track_id": t.track_id, "frame": b.frame, "t_s": b.t_s, "xyxy": b.xyxy, "score": b.score}
+            for t in labels.tracks
+            if t.end_s >= from_s and t.start_s <= to_s
+            for b in t.boxes
+            if from_s <= b.t_s <= to_s
+        ]
+
+    @app.get("/recordings/{recording_id}/frame.jpg", tags=["review"], response_class=Response)
+    async def frame_jpeg(
+        recording_id: str,
+        _key: ReaderKey,
+        t_s: Annotated[float, Query(ge=0)],
+        max_w: Annotated[int, Query(ge=16, le=7680)] = 1280,
+    ) -> Response:
+        """The frame shown at ``t_s`` (the first at or after it) as JPEG; its time in ``X-Frame-Time``."""
+        rec = gw.recording(recording_id)
+        try:
+            when, image = await anyio.to_thread.run_sync(read_frame_at, gw.data_dir / rec["path"], t_s)
+        except UnreadableVideo as exc:
+            raise ApiError(404, "no_frame", f"recording {recording_id!r}: no frame at {t_s:.3f} s") from exc
+        body = await anyio.to_thread.run_sync(jpeg, image, max_w)
+        return Response(
+            body,
+            media_type="image/jpeg",
+            headers={"X-Frame-Time": f"{when:.6f}", "Cache-Control": "private, max-age=3600"},
+        )
+
+    @app.get("/recordings/{recording_id}/tracks/{track_id}/crops/{n}.jpg", tags=["review"], response_class=Response)
+    async def crop_jpeg(recording_id: str, track_id: int, n: int, _key: ReaderKey) -> Response:
+        """One of a track's best crops (``n`` from 0, best first), cut again from the video."""
+        rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
+        track = next((t for t in labels.tracks if t.track_id == track_id), None)
+        if track is None or not 0 <= n < len(track.best_crops):
+            raise ApiError(404, "not_found", f"track {track_id} of {recording_id!r}: no crop {n}")
+        crop = track.best_crops[n]
+        _when, image = await anyio.to_thread.run_sync(read_frame_at, gw.data_dir / rec["path"], crop.t_s)
+        from gateway.two_stage import crop_boxes
+
+        margin = float(labels.settings.get("crop_margin", 0.15))
+        x1, y1, x2, y2 = crop_boxes(np.asarray([crop.xyxy]), margin, image.shape[:2])[0].tolist()
+        body = await anyio.to_thread.run_sync(jpeg, image[y1:y2, x1:x2], 256)
+        return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     # -- tus 1.0.0 resumable uploads (core protocol + creation) -----------------------------------------------------
 

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from hypothesis import settings
 
+from tests.browser import BrowserPage, browser_page, missing_reason
 from tests.pg import PG_SERVER_BINARIES, find_pg_bin, temporary_postgres
 
 # Wall-clock deadlines make property tests flaky on a shared 2-core machine (CI runs beside other work);
@@ -35,6 +36,24 @@ def postgres_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.skip(message)
     with temporary_postgres(tmp_path_factory.mktemp("postgres")) as url:
         yield url
+
+
+@pytest.fixture
+def browser() -> Iterator[BrowserPage]:
+    """A page in a fresh headless Chromium (tests/browser.py), closed after the test; its ``errors`` list collects
+    console errors and uncaught exceptions.
+
+    Without Chromium or Playwright the tests that use it are skipped, except in CI (CI=true), where they fail: CI
+    installs Debian's `chromium` package (.ci/run) and Playwright (the dev extra), so a missing one there is a broken
+    setup, not a reason to skip the browser tests silently.
+    """
+    message = missing_reason()
+    if message is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{message}; CI=true, so the browser tests may not be skipped", pytrace=False)
+        pytest.skip(message)
+    with browser_page() as page:
+        yield page
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.errors import UnreadableVideo
 from services.common.types import Frame, FrameRef
 
-__all__ = ["DecodeGap", "DecodeSettings", "VideoInfo", "VideoReader", "open_video"]
+__all__ = ["DecodeGap", "DecodeSettings", "VideoInfo", "VideoReader", "open_video", "read_frame_at"]
 
 log = logging.getLogger(__name__)
 
@@ -433,3 +433,42 @@ def _probe_rotation(path: Path, max_packets: int = 64) -> int:
         return int(round(-float(tag) / 90.0)) % 4 * 90 if tag else 0
     except ValueError:
         return 0
+
+
+def read_frame_at(path: Path, t_s: float, *, max_frames: int = 600) -> tuple[float, np.ndarray]:
+    """The first frame at or after ``t_s`` (the ``FrameRef.pts_s`` convention), for showing one frame or one crop.
+
+    Seeks to the key frame before ``t_s`` and decodes forward, so it costs at most one GOP of decoding. The
+    display rotation is applied.
+
+    Returns:
+        (the frame's ``pts_s``, (H, W, 3) uint8 RGB).
+
+    Raises:
+        UnreadableVideo: The file cannot be opened, or no frame decodes at or after ``t_s`` within ``max_frames``.
+    """
+    with VideoReader(path, "frame", DecodeSettings()) as reader:
+        info = reader.info
+        k = info.rotation_deg // 90
+        container = reader._container
+        stream = container.streams.video[0]
+        tb = stream.time_base or Fraction(1, 90000)
+        target = t_s + info.start_s
+        try:
+            container.seek(max(0, int((target - 0.0005) / tb)), stream=stream, backward=True, any_frame=False)
+            best: tuple[float, Any] | None = None
+            for n, av_frame in enumerate(container.decode(stream)):
+                if av_frame.pts is None:
+                    continue
+                when = float(av_frame.pts * tb)
+                if when >= target - 0.0005:
+                    best = (when - info.start_s, av_frame)
+                    break
+                if n >= max_frames:
+                    break
+        except av.error.FFmpegError as exc:
+            raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got {exc}") from exc
+        if best is None:
+            raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got none")
+        image = best[1].to_ndarray(format="rgb24")
+        return best[0], np.ascontiguousarray(np.rot90(image, k)) if k else image

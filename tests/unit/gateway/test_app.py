@@ -271,3 +271,28 @@ def test_settings_refuse_unknown_environment_keys(tmp_path):
 
 def test_data_dir_keeps_paths_relative(settings):
     assert Path(settings.resolved_database_url().removeprefix("sqlite:///")).parent == settings.data_dir.resolve()
+
+
+def test_what_the_reviewer_page_reads(client, keys, settings, clip):
+    rec = upload(client, keys["uploader"], clip).json()
+    run_jobs(client, settings)
+    rid = rec["id"]
+    timeline = client.get(f"/recordings/{rid}/timeline", headers=keys["reviewer"]).json()
+    assert timeline["recording"]["frame_count"] == 6
+    assert timeline["lanes"] == []
+    frame = client.get(f"/recordings/{rid}/frame.jpg", params={"t_s": 0.1, "max_w": 32}, headers=keys["reviewer"])
+    assert frame.status_code == 200
+    assert frame.content[:2] == b"\xff\xd8"
+    assert float(frame.headers["X-Frame-Time"]) >= 0.1 - 1e-3
+    past = client.get(f"/recordings/{rid}/frame.jpg", params={"t_s": 999}, headers=keys["reviewer"])
+    assert past.json()["error"]["code"] == "no_frame"
+    window = client.get(f"/recordings/{rid}/boxes", params={"from_s": 0, "to_s": 1000}, headers=keys["reviewer"])
+    assert window.json()["error"]["code"] == "bad_window"
+    assert (
+        client.get(f"/recordings/{rid}/boxes", params={"from_s": 0, "to_s": 5}, headers=keys["reviewer"]).json() == []
+    )
+    assert client.get(f"/recordings/{rid}/tracks/1/crops/0.jpg", headers=keys["reviewer"]).status_code == 404
+    page = client.get("/ui/")
+    assert page.status_code == 200
+    assert '<script type="module" src="app.js">' in page.text
+    assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
