@@ -262,9 +262,10 @@ class ReviewState(BaseModel):
     queue: list[QueueItem]
 
 
-def review_order(track: Track) -> tuple[int, float, float, int]:
-    """The review queue's order: undecided first, then the least confident, the most disagreeing crops first."""
-    return (track.review.status != "pending", track.confidence, track.crop_agreement, track.track_id)
+def review_order(track: Track) -> tuple[bool, float, float, int]:
+    """The review queue's order: undecided first; among them the most doubtful first, where doubt combines a low
+    calibrated confidence and crops that disagree (``confidence * crop_agreement``)."""
+    return (track.review.status != "pending", track.confidence * track.crop_agreement, track.confidence, track.track_id)
 
 
 def _iso(value: Any) -> str | None:

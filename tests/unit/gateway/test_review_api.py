@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from gateway.app import GatewaySettings, create_app
 from gateway.exports import read_cvat_video
-from services.common.labelfile import LabelFile, save_label_file
+from services.common.labelfile import LabelFile, Review, save_label_file
 from tests.unit.gateway.test_label_exports import label_file, track
 
 pytestmark = pytest.mark.usefixtures("restore_root_logger")
@@ -134,3 +134,12 @@ def test_who_may_decide(env):
     assert res.status_code == 403
     assert client.post("/recordings/rec1/review/undo", headers=keys["reviewer"]).status_code == 409
     assert client.get("/recordings/nope/review", headers=keys["reviewer"]).status_code == 404
+
+
+def test_disagreeing_crops_come_before_a_slightly_less_confident_track():
+    from gateway.app import review_order
+
+    sure = track(1, [0, 1], confidence=0.9)
+    torn = track(2, [0, 1], confidence=0.95).model_copy(update={"crop_agreement": 0.6})
+    decided = track(3, [0, 1], confidence=0.1, review=Review(status="accepted"))
+    assert [t.track_id for t in sorted([sure, torn, decided], key=review_order)] == [2, 1, 3]
