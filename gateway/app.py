@@ -333,6 +333,14 @@ class _Gateway:
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(settings.resolved_database_url())
         self.default_settings = PipelineSettings()
+        self.url_secret = _url_secret(self.data_dir / "url-secret")
+
+    def sign(self, recording_id: str, expires: int) -> str:
+        """A signature for a video URL: a ``<video>`` element cannot send the Authorization header."""
+        import hmac
+
+        message = f"{recording_id}:{expires}".encode()
+        return hmac.new(self.url_secret, message, hashlib.sha256).hexdigest()
 
     def model_path(self, name: str, kind: str) -> str:
         if not _MODEL_NAME.fullmatch(name):
@@ -382,6 +390,20 @@ class _Gateway:
         rec = self.store.get_recording(recording_id)
         assert rec is not None  # noqa: S101 - just written
         return _recording_out(rec)
+
+
+def _url_secret(path: Path) -> bytes:
+    """This data directory's key for signed URLs (made once, readable by the server's user only)."""
+    try:
+        return bytes.fromhex(path.read_text().strip())
+    except (OSError, ValueError):
+        secret = secrets.token_bytes(32)
+        tmp = path.with_suffix(".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret.hex())
+        os.replace(tmp, path)
+        return secret
 
 
 def _probe(path: Path) -> None:
@@ -828,6 +850,33 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             for b in t.boxes
             if from_s <= b.t_s <= to_s
         ]
+
+    @app.post("/recordings/{recording_id}/video-url", tags=["review"])
+    async def video_url(recording_id: str, _key: ReaderKey) -> dict[str, str]:
+        """A URL of the recording's video, signed for an hour, for the page's ``<video>`` element."""
+        gw.recording(recording_id)
+        import time as _time
+
+        expires = int(_time.time()) + 3600
+        return {"url": f"/recordings/{recording_id}/video?expires={expires}&sig={gw.sign(recording_id, expires)}"}
+
+    @app.get("/recordings/{recording_id}/video", tags=["review"], response_class=FileResponse)
+    async def video(
+        recording_id: str,
+        expires: Annotated[int, Query()],
+        sig: Annotated[str, Query(max_length=64)],
+    ) -> FileResponse:
+        """The recording's file (byte ranges supported), with a signature from ``POST .../video-url``."""
+        import hmac
+        import time as _time
+
+        if expires < _time.time() or not hmac.compare_digest(sig, gw.sign(recording_id[:32], expires)):
+            raise ApiError(403, "bad_signature", "video URL: expected a valid, unexpired signature (POST video-url)")
+        rec = gw.recording(recording_id)
+        return FileResponse(
+            gw.data_dir / rec["path"],
+            media_type="video/mp4" if rec["path"].endswith((".mp4", ".m4v", ".mov")) else "application/octet-stream",
+        )
 
     @app.get("/recordings/{recording_id}/frame.jpg", tags=["review"], response_class=Response)
     async def frame_jpeg(

@@ -115,8 +115,12 @@ async function recordingView(id) {
     <h1 id="title">Recording</h1>
     <div class="review">
       <section aria-label="video">
-        <div class="viewer"><canvas id="frame" width="1280" height="720" aria-label="current frame with boxes"></canvas></div>
+        <div class="viewer">
+          <video id="video" muted playsinline preload="auto" aria-label="the recording"></video>
+          <canvas id="frame" width="1280" height="720" aria-label="current frame with boxes"></canvas>
+        </div>
         <div class="controls">
+          <button id="play" type="button" aria-keyshortcuts="Space">Play <kbd>Space</kbd></button>
           <label for="time">Time</label>
           <input id="time" type="range" min="0" step="0.01" value="0" aria-label="time in seconds">
           <output id="clock">0.00 s</output>
@@ -167,6 +171,7 @@ async function recordingView(id) {
     showError(err.message); return;
   }
   $("#title").textContent = view.tl.recording.source;
+  await setupVideo(view);
   const slider = $("#time");
   slider.max = String(view.tl.recording.duration_s);
   await refreshState(view);
@@ -183,6 +188,7 @@ async function recordingView(id) {
   $("#b-merge").addEventListener("click", () => openForm("#merge", "#merge-input"));
   $("#b-split").addEventListener("click", () => split(view));
   $("#b-undo").addEventListener("click", () => undo(view));
+  $("#play").addEventListener("click", () => togglePlay(view));
   $("#relabel").addEventListener("submit", (ev) => {
     ev.preventDefault();
     const name = $("#relabel-input").value.trim();
@@ -221,6 +227,7 @@ async function recordingView(id) {
       m: () => openForm("#merge", "#merge-input"),
       s: () => split(view),
       u: () => undo(view),
+      " ": () => togglePlay(view),
       ArrowRight: () => seek(view, view.time + 1 / (view.tl.recording.fps || 25)),
       ArrowLeft: () => seek(view, Math.max(0, view.time - 1 / (view.tl.recording.fps || 25))),
     }[k];
@@ -362,6 +369,12 @@ async function seek(view, t) {
   $("#time").value = String(t);
   $("#clock").textContent = `${t.toFixed(2)} s`;
   drawTimeline(view);
+  if (view.video) {
+    // The browser decodes the video itself; boxes are drawn when the frame at the new time is shown.
+    if (Math.abs(view.video.currentTime - t) > 1e-3) view.video.currentTime = t;
+    else drawBoxes(view, t);
+    return;
+  }
   const seq = ++view.frameSeq;
   await new Promise((r) => setTimeout(r, 60)); // scrubbing: only the latest position is fetched
   if (seq !== view.frameSeq) return;
@@ -372,11 +385,55 @@ async function seek(view, t) {
   img.src = url;
   await img.decode();
   const canvas = $("#frame");
-  const rec = view.tl.recording;
   canvas.width = img.width; canvas.height = img.height;
+  canvas.getContext("2d").drawImage(img, 0, 0);
+  await drawBoxes(view, t, true);
+  URL.revokeObjectURL(url);
+}
+
+async function setupVideo(view) {
+  const video = $("#video");
+  try {
+    const { url } = await (await api(`/recordings/${view.id}/video-url`, { method: "POST" })).json();
+    video.src = url;
+    await new Promise((resolve, reject) => {
+      video.addEventListener("loadeddata", resolve, { once: true });
+      video.addEventListener("error", () => reject(new Error("this browser cannot play the recording")), { once: true });
+    });
+  } catch {
+    video.remove(); // JPEG frames cut by the server instead
+    return;
+  }
+  view.video = video;
+  $("#frame").classList.add("overlay");
+  video.addEventListener("seeked", () => drawBoxes(view, video.currentTime));
+  const onFrame = () => {
+    if (video.paused) return;
+    view.time = video.currentTime;
+    $("#time").value = String(view.time);
+    $("#clock").textContent = `${view.time.toFixed(2)} s`;
+    drawBoxes(view, view.time);
+    drawTimeline(view);
+    video.requestVideoFrameCallback(onFrame);
+  };
+  video.addEventListener("play", () => { $("#play").textContent = "Pause"; video.requestVideoFrameCallback(onFrame); });
+  video.addEventListener("pause", () => { $("#play").textContent = "Play"; });
+}
+
+function togglePlay(view) {
+  if (!view.video) return;
+  if (view.video.paused) view.video.play(); else view.video.pause();
+}
+
+async function drawBoxes(view, t, overFrame = false) {
+  const canvas = $("#frame");
+  const rec = view.tl.recording;
+  if (!overFrame) {
+    canvas.width = view.video.videoWidth || rec.width;
+    canvas.height = view.video.videoHeight || rec.height;
+  }
   const ctx = canvas.getContext("2d");
-  ctx.drawImage(img, 0, 0);
-  const scale = img.width / rec.width;
+  const scale = canvas.width / rec.width;
   const fps = rec.fps || 25;
   const shown = (await boxesNear(view, t)).filter((b) => Math.abs(b.t_s - t) <= 0.6 / fps);
   for (const b of shown) {
@@ -390,7 +447,6 @@ async function seek(view, t) {
     ctx.font = `${Math.max(12, 14 * scale)}px system-ui`;
     ctx.fillText(`#${b.track_id} ${lane ? lane.class_name : ""}`, x1, Math.max(12, y1 - 4));
   }
-  URL.revokeObjectURL(url);
 }
 
 function visibleWindow(view) {

@@ -296,3 +296,21 @@ def test_what_the_reviewer_page_reads(client, keys, settings, clip):
     assert page.status_code == 200
     assert '<script type="module" src="app.js">' in page.text
     assert client.get("/", follow_redirects=False).headers["location"] == "/ui/"
+
+
+def test_video_urls_are_signed_and_support_ranges(client, keys, clip):
+    rec = upload(client, keys["uploader"], clip).json()
+    url = client.post(f"/recordings/{rec['id']}/video-url", headers=keys["reviewer"]).json()["url"]
+    assert client.post(f"/recordings/{rec['id']}/video-url").status_code == 401
+    whole = client.get(url)  # no Authorization header: the signature is the permission
+    assert whole.status_code == 200
+    assert whole.content == clip
+    part = client.get(url, headers={"Range": "bytes=0-99"})
+    assert part.status_code == 206
+    assert part.content == clip[:100]
+    forged = url.split("sig=")[0] + "sig=" + "0" * 64
+    assert client.get(forged).json()["error"]["code"] == "bad_signature"
+    expired = url.split("?")[0] + "?expires=1&sig=" + url.split("sig=")[1]
+    assert client.get(expired).status_code == 403
+    other = client.get(url.replace(rec["id"], "0" * 16))
+    assert other.status_code == 403
