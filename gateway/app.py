@@ -38,7 +38,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.exports import export_labels
-from gateway.pipeline import PipelineSettings
+from gateway.pipeline import PipelineSettings, file_sha256
 from gateway.store import ApiKey, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
 from services.common.errors import InputError, UnreadableVideo
@@ -1032,12 +1032,11 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             raise ApiError(409, "offset_mismatch", "another request moved this upload meanwhile; HEAD and resume")
         headers = {**tus_headers, "Upload-Offset": str(new_offset)}
         if new_offset == row["length"]:
-            digest = hashlib.sha256()
-            await anyio.to_thread.run_sync(_hash_file, part, digest)
+            sha256 = await anyio.to_thread.run_sync(file_sha256, part)
             final = gw.data_dir / "tmp" / f"{upload_id}.part"
             os.replace(part, final)
             try:
-                out = await gw.accept(final, row["source_name"], digest.hexdigest(), row["length"], key)
+                out = await gw.accept(final, row["source_name"], sha256, row["length"], key)
             finally:
                 final.unlink(missing_ok=True)
             gw.store.finish_upload(upload_id, out.id)
@@ -1046,9 +1045,3 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         return Response(status_code=204, headers=headers)
 
     return app
-
-
-def _hash_file(path: Path, digest: Any) -> None:
-    with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)

@@ -713,6 +713,15 @@ def run_batch(
             "run", {"files": total, "models": {k: v.model_dump() for k, v in models.items()}, "pid": os.getpid()}
         )
         emit(BatchEvent("started", None, 0, total))
+
+        def done(item: FoundRecording, index: int, row: FileRow) -> None:
+            rows.append(row)
+            emit(
+                BatchEvent(
+                    "file_done", item.path, index, total, row.outcome, row.reason, row.frames, row.frames, row=row
+                )
+            )
+
         claimed: dict[Path, FoundRecording] = {}
         remote_calls: list[tuple[int, tuple[Any, ...]]] = []
         for index, item in enumerate(recordings):
@@ -739,24 +748,13 @@ def run_batch(
                 )
                 if _changed(row, before):
                     journal.append("file", row.model_dump(mode="json"))
-            rows.append(row)
-            emit(
-                BatchEvent(
-                    "file_done", item.path, index, total, row.outcome, row.reason, row.frames, row.frames, row=row
-                )
-            )
+            done(item, index, row)
         if engine is not None and remote_calls:
             for k, row in engine.map_unordered(_process_remote, [args for _, args in remote_calls]):
-                index, (item, *_rest) = remote_calls[k]
-                before = _rest[2]
+                index, (item, _out, _settings, before, _retry) = remote_calls[k]
                 if _changed(row, before):
                     journal.append("file", row.model_dump(mode="json"))
-                rows.append(row)
-                emit(
-                    BatchEvent(
-                        "file_done", item.path, index, total, row.outcome, row.reason, row.frames, row.frames, row=row
-                    )
-                )
+                done(item, index, row)
     except BaseException as exc:
         stopped = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
         _write_summary_quietly(out_dir, _summary(rows, total, started, started_at, models, settings, stopped))

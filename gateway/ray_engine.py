@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -180,8 +180,8 @@ def _call(ref: Any) -> Any:
         raise ServiceUnavailable(f"model actor: expected a live replica, got {type(exc).__name__}: {exc}") from exc
 
 
-class RayDetector:
-    """The ``Detector`` protocol over a pool of detector actors (picklable: it travels into Ray tasks)."""
+class _ReplicaPool:
+    """A pool of model actors with the model's card, calling one replica (picklable: it travels into Ray tasks)."""
 
     def __init__(self, handles: Sequence[Any], card: ModelCard, replica: int = 0) -> None:
         self._handles = list(handles)
@@ -192,33 +192,28 @@ class RayDetector:
     def card(self) -> ModelCard:
         return self._card
 
-    def pinned(self, replica: int) -> RayDetector:
+    def pinned(self, replica: int) -> Self:
         """The same pool, calling replica ``replica % len(pool)`` (one recording sticks to one replica)."""
-        return RayDetector(self._handles, self._card, replica % len(self._handles))
+        return type(self)(self._handles, self._card, replica % len(self._handles))
+
+    @property
+    def _actor(self) -> Any:
+        return self._handles[self._replica]
+
+
+class RayDetector(_ReplicaPool):
+    """The ``Detector`` protocol over a pool of detector actors."""
 
     def detect(self, frames: Sequence[Frame]) -> list[Detections]:
-        result: list[Detections] = _call(self._handles[self._replica].detect.remote(list(frames)))
+        result: list[Detections] = _call(self._actor.detect.remote(list(frames)))
         return result
 
 
-class RayClassifier:
-    """The ``Classifier`` protocol over a pool of classifier actors (picklable)."""
-
-    def __init__(self, handles: Sequence[Any], card: ModelCard, replica: int = 0) -> None:
-        self._handles = list(handles)
-        self._card = card
-        self._replica = replica
-
-    @property
-    def card(self) -> ModelCard:
-        return self._card
-
-    def pinned(self, replica: int) -> RayClassifier:
-        """The same pool, calling one replica."""
-        return RayClassifier(self._handles, self._card, replica % len(self._handles))
+class RayClassifier(_ReplicaPool):
+    """The ``Classifier`` protocol over a pool of classifier actors."""
 
     def classify(self, crops: Sequence[np.ndarray]) -> np.ndarray:
-        result: np.ndarray = _call(self._handles[self._replica].classify.remote(list(crops)))
+        result: np.ndarray = _call(self._actor.classify.remote(list(crops)))
         return result
 
 

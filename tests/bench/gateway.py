@@ -26,27 +26,16 @@ from pathlib import Path
 
 import httpx2
 
+from tests.bench.video import out, proc_mb
+
 ROOT = Path(__file__).resolve().parents[2]
 CLIP = ROOT.parent / "shared" / "data" / "video" / "udacity_solidWhiteRight.mp4"
-
-
-def out(line: str) -> None:
-    """One line of the report."""
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def _vm(pid: int, field: str) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def bench_gateway(clients: int, uploads: int, big_gb: float) -> None:
@@ -111,7 +100,7 @@ def _concurrent(base: str, key: str, pid: int, clients: int, uploads: int, tmp: 
         latencies.append(time.perf_counter() - t0)
         statuses.append(r.status_code)
 
-    rss_before = _vm(pid, "VmRSS")
+    rss_before = proc_mb("VmRSS", pid)
     tick = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(send, bodies))
@@ -128,7 +117,7 @@ def _concurrent(base: str, key: str, pid: int, clients: int, uploads: int, tmp: 
         f"(upload path {disk_s / wall:.3f}x of it)"
     )
     out(f"  request latency p50 {statistics.median(lat) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
-    out(f"  server memory: {rss_before:.0f} MB before, peak {_vm(pid, 'VmHWM'):.0f} MB")
+    out(f"  server memory: {rss_before:.0f} MB before, peak {proc_mb('VmHWM', pid):.0f} MB")
 
 
 def _big(base: str, key: str, pid: int, size_gb: float, tmp: Path) -> None:
@@ -150,7 +139,7 @@ def _big(base: str, key: str, pid: int, size_gb: float, tmp: Path) -> None:
         f"{base}/recordings", params={"filename": "big.mp4"}, content=chunks(), headers=headers, timeout=600
     )
     wall = time.perf_counter() - tick
-    peak = _vm(pid, "VmHWM")
+    peak = proc_mb("VmHWM", pid)
     out(
         f"\ngateway: one upload of {target / (1 << 30):.1f} GiB: status {r.status_code}, {wall:.1f} s "
         f"({target / 1e6 / wall:.0f} MB/s)"

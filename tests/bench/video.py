@@ -16,6 +16,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
+
 from gateway.pipeline import PipelineSettings, label_recording
 from services.classifier.models import default_classifier_path
 from services.classifier.onnx import OnnxClassifier
@@ -24,6 +26,7 @@ from services.decode.reader import open_video
 from services.detector.api import DetectorSettings
 from services.detector.models import default_detector_path
 from services.detector.onnx import OnnxDetector
+from services.detector.postprocess import box_iou
 from tests.synthvideo import (
     SignSpec,
     SyntheticVideo,
@@ -54,9 +57,10 @@ def _peak_rss_reset() -> bool:
     return True
 
 
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+def proc_mb(field: str, pid: int | str = "self") -> float:
+    """A memory figure of ``/proc/PID/status`` in MB (``VmHWM``: peak resident, ``VmRSS``: resident now)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -94,21 +98,13 @@ def sign_recall(video: SyntheticVideo, labels: LabelFile) -> tuple[float, float]
     right: set[int] = set()
     for gt in video.boxes:
         for tid, cid, xyxy in owner.get(gt.frame, []):
-            if _iou(xyxy, gt.xyxy) >= 0.5:
+            if box_iou(np.asarray([xyxy]), np.asarray([gt.xyxy]))[0, 0] >= 0.5:
                 found[gt.track].add(tid)
                 if cid == gt.class_id:
                     right.add(gt.track)
     n = len(video.signs)
     per_sign = sum(len(v) for v in found.values()) / max(len(found), 1)
     return len(right) / n, per_sign
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
 
 
 def bench_video(rounds: int, n_frames: int) -> None:
@@ -136,7 +132,7 @@ def _bench_memory_growth(tmp: Path, detector: OnnxDetector, classifier: OnnxClas
         video = synthetic_clip(tmp / f"memory_{n}.mp4", 1280, 720, n)
         can_reset = _peak_rss_reset()
         labels = label_recording(video.path, detector, classifier, PipelineSettings())
-        peaks.append(_peak_rss_mb())
+        peaks.append(proc_mb("VmHWM"))
         out(
             f"memory: 1280x720, {n} frames, {len(labels.tracks)} tracks: peak RSS {peaks[-1]:.0f} MB"
             + ("" if can_reset else " (process peak)")
@@ -199,7 +195,7 @@ def _bench_clip(
         out(f"  {case:<44} {rate:8.1f} frames/s  {rate / base:6.3f}x")
     can_reset = _peak_rss_reset()
     label_recording(path, detector, classifier, PipelineSettings())
-    peak = _peak_rss_mb()
+    peak = proc_mb("VmHWM")
     out(f"  peak RSS during one full-pipeline run: {peak:.0f} MB" + ("" if can_reset else " (process peak)"))
     if video is not None:
         for key, labels in results.items():

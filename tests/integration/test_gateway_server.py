@@ -50,9 +50,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def create_key(data_dir: Path, name: str) -> str:
+def create_key(data_dir: Path, name: str, role: str = "uploader") -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", "create", name, "--role", "uploader", "--data-dir", str(data_dir)],
+        [sys.executable, "-m", "gateway", "keys", "create", name, "--role", role, "--data-dir", str(data_dir)],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -17,22 +17,21 @@ import pytest
 
 from gateway.exports import read_cvat_video
 from services.common.labelfile import load_label_file
+from services.detector.postprocess import box_iou
 from tests.synthvideo import SignSpec, SyntheticVideo, load_background, load_gtsrb_signs, make_road_video
 
 REPO = Path(__file__).resolve().parents[2]
 DATA = REPO.parent / "shared" / "data"
-CLASSES = (1, 14, 13, 38)  # speed limit 30, stop, yield, keep right
-N_FRAMES = 64
-
-pytestmark = pytest.mark.skipif(not (DATA / "gtsrb_train").is_dir(), reason="shared data absent")
+CLASSES = (1, 14, 13, 38)
 
 
 def iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    return float(box_iou(np.asarray([a]), np.asarray([b]))[0, 0])  # speed limit 30, stop, yield, keep right
+
+
+N_FRAMES = 64
+
+pytestmark = pytest.mark.skipif(not (DATA / "gtsrb_train").is_dir(), reason="shared data absent")
 
 
 @pytest.fixture(scope="module")

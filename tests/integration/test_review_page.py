@@ -93,7 +93,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
     )
     data = tmp / "data"
     uploader = create_key(data, "uploader")
-    reviewer = _reviewer_key(data)
+    reviewer = create_key(data, "reviewer", role="reviewer")
     port = free_port()
     with server(data, port, workers=1) as proc:
         yield Served(f"http://127.0.0.1:{port}", proc, data, uploader, reviewer, video.path.read_bytes())
@@ -220,15 +220,3 @@ def test_an_unreachable_server_is_reported(browser, served):
     page.wait_for_selector("#alert:not([hidden])")
     assert "unreachable" in page.inner_text("#alert")
     assert "decisions already saved are safe" in page.inner_text("#alert")
-
-
-def _reviewer_key(data: Path) -> str:
-    import sys
-
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", "keys", "create", "reviewer", "--role", "reviewer", "--data-dir", str(data)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        check=True,
-    ).stdout.strip()
