@@ -41,6 +41,7 @@ from gateway.exports import export_labels
 from gateway.pipeline import PipelineSettings, file_sha256
 from gateway.store import ApiKey, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
+from services.classifier.tracks import review_priority
 from services.common.errors import InputError, UnreadableVideo
 from services.common.labelfile import LabelFile, ReviewAction, Track, apply_review, load_label_file
 from services.decode.reader import DecodeSettings, VideoReader, read_frame_at
@@ -265,7 +266,8 @@ class ReviewState(BaseModel):
 def review_order(track: Track) -> tuple[bool, float, float, int]:
     """The review queue's order: undecided first; among them the most doubtful first, where doubt combines a low
     calibrated confidence and crops that disagree (``confidence * crop_agreement``)."""
-    return (track.review.status != "pending", track.confidence * track.crop_agreement, track.confidence, track.track_id)
+    priority = review_priority(track.confidence, track.crop_agreement)
+    return (track.review.status != "pending", priority, track.confidence, track.track_id)
 
 
 def _iso(value: Any) -> str | None:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.two_stage import crop_boxes
 from services.classifier.api import Classifier, decide
+from services.classifier.tracks import decide_track
 from services.common.classes import NOT_A_SIGN, UNKNOWN
 from services.common.errors import InputError
 from services.common.labelfile import (
@@ -367,27 +368,22 @@ class _Labeller:
     def _make_track(self, live: _LiveTrack, crops: list[_Crop], logprobs: np.ndarray) -> Track | None:
         card = self.classifier.card
         settings = self.settings
-        weights = np.array([c.quality for c in crops], np.float64)
-        weights /= weights.sum()
-        # A weighted geometric mean of the crops' calibrated distributions, renormalised.
-        mean = (weights[:, None] * logprobs.astype(np.float64)).sum(axis=0)
-        mean -= mean.max()
-        track_lp = (mean - np.log(np.exp(mean).sum())).astype(np.float32)
-        decision = decide(track_lp[None], card)
+        decision = decide_track(logprobs, card, np.array([c.quality for c in crops], np.float64))
         per_crop = decide(logprobs, card)
-        class_id = int(decision.class_id[0])
+        track_lp = decision.logprobs
+        class_id = decision.class_id
         top = int(track_lp.argmax())
         is_background = card.background_class is not None and top == card.background_class
         if is_background and settings.not_a_sign_tracks == "drop":
             return None
         probs = np.exp(track_lp)
         reasons: list[UncertaintyReason] = []
-        confidence = float(probs[class_id]) if class_id >= 0 else 0.0
+        confidence = decision.confidence
         if class_id < 0:
             reasons.append("rejected")
         elif confidence < settings.review_below:
             reasons.append("low_confidence")
-        agreement = float((per_crop.class_id == class_id).mean())
+        agreement = decision.crop_agreement
         if agreement < 1.0:
             reasons.append("crops_disagree")
         if len(live.boxes) < settings.min_track_frames:
