@@ -39,7 +39,8 @@ def combine_crops(logprobs: np.ndarray, weights: np.ndarray | None = None) -> np
         w = w / w.sum()
     mean = (w[:, None] * logprobs.astype(np.float64)).sum(axis=0)
     mean -= mean.max()
-    return (mean - np.log(np.exp(mean).sum())).astype(np.float32)
+    out: np.ndarray = (mean - np.log(np.exp(mean).sum())).astype(np.float32)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
