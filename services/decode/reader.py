@@ -18,7 +18,7 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.errors import UnreadableVideo
 from services.common.types import Frame, FrameRef
 
-__all__ = ["DecodeGap", "DecodeSettings", "VideoInfo", "VideoReader", "open_video", "read_frame_at"]
+__all__ = ["DecodeGap", "DecodeSettings", "VideoInfo", "VideoReader", "open_video", "read_frame_at", "read_frames_at"]
 
 log = logging.getLogger(__name__)
 
@@ -447,28 +447,43 @@ def read_frame_at(path: Path, t_s: float, *, max_frames: int = 600) -> tuple[flo
     Raises:
         UnreadableVideo: The file cannot be opened, or no frame decodes at or after ``t_s`` within ``max_frames``.
     """
+    return read_frames_at(path, [t_s], max_frames=max_frames)[0]
+
+
+def read_frames_at(path: Path, times_s: Sequence[float], *, max_frames: int = 600) -> list[tuple[float, np.ndarray]]:
+    """:func:`read_frame_at` for several times, opening the file once (opening a long MP4 parses its whole index).
+
+    Returns:
+        One (``pts_s``, image) per requested time, in the order given.
+
+    Raises:
+        UnreadableVideo: As :func:`read_frame_at`, for the first time that has no frame.
+    """
+    out: list[tuple[float, np.ndarray]] = []
     with VideoReader(path, "frame", DecodeSettings()) as reader:
         info = reader.info
         k = info.rotation_deg // 90
         container = reader._container
         stream = container.streams.video[0]
         tb = stream.time_base or Fraction(1, 90000)
-        target = t_s + info.start_s
-        try:
-            container.seek(max(0, int((target - 0.0005) / tb)), stream=stream, backward=True, any_frame=False)
-            best: tuple[float, Any] | None = None
-            for n, av_frame in enumerate(container.decode(stream)):
-                if av_frame.pts is None:
-                    continue
-                when = float(av_frame.pts * tb)
-                if when >= target - 0.0005:
-                    best = (when - info.start_s, av_frame)
-                    break
-                if n >= max_frames:
-                    break
-        except av.error.FFmpegError as exc:
-            raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got {exc}") from exc
-        if best is None:
-            raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got none")
-        image = best[1].to_ndarray(format="rgb24")
-        return best[0], np.ascontiguousarray(np.rot90(image, k)) if k else image
+        for t_s in times_s:
+            target = t_s + info.start_s
+            try:
+                container.seek(max(0, int((target - 0.0005) / tb)), stream=stream, backward=True, any_frame=False)
+                best: tuple[float, Any] | None = None
+                for n, av_frame in enumerate(container.decode(stream)):
+                    if av_frame.pts is None:
+                        continue
+                    when = float(av_frame.pts * tb)
+                    if when >= target - 0.0005:
+                        best = (when - info.start_s, av_frame)
+                        break
+                    if n >= max_frames:
+                        break
+            except av.error.FFmpegError as exc:
+                raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got {exc}") from exc
+            if best is None:
+                raise UnreadableVideo(f"{path.name}: expected a frame at {t_s:.3f} s, got none")
+            image = best[1].to_ndarray(format="rgb24")
+            out.append((best[0], np.ascontiguousarray(np.rot90(image, k)) if k else image))
+    return out

@@ -132,6 +132,10 @@ def test_review_a_recording_with_the_keyboard(browser, served, tmp_path):
     page.keyboard.press("Enter")
     page.wait_for_selector("#queue li")
     page.wait_for_selector(".crops img[src]")
+    for part in ("#frame", "#timeline", "#card", "#b-accept"):  # at 1280x720 the video and timeline fit unscrolled
+        box = page.locator(part).bounding_box()
+        assert box is not None
+        assert box["y"] >= 0 and box["y"] + box["height"] <= 720 and box["x"] + box["width"] <= 1280, (part, box)
     shot(page, tmp_path, "review-recording")
     order = [int(x) for x in page.locator("#queue li").evaluate_all("els => els.map(e => e.dataset.track)")]
     first, second, third = order[0], order[1], order[2]

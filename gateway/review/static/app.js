@@ -156,6 +156,7 @@ async function recordingView(id) {
           <output id="bulk-preview"></output>
           <button type="submit">Accept <kbd>Shift+A</kbd></button>
         </form>
+        <p id="queue-count" class="keys" aria-live="polite"></p>
         <div class="queue"><ul id="queue" role="listbox" aria-label="review queue, least confident first"></ul></div>
         <p class="keys"><kbd>j</kbd>/<kbd>k</kbd> next/previous · <kbd>a</kbd> accept · <kbd>r</kbd> not a sign ·
           <kbd>l</kbd> relabel · <kbd>m</kbd> merge · <kbd>s</kbd> split at the current time · <kbd>u</kbd> undo ·
@@ -171,6 +172,8 @@ async function recordingView(id) {
     showError(err.message); return;
   }
   $("#title").textContent = view.tl.recording.source;
+  const rec = view.tl.recording;
+  if (rec.width > 0 && rec.height > 0) $(".viewer").style.setProperty("--ar", String(rec.width / rec.height));
   await setupVideo(view);
   const slider = $("#time");
   slider.max = String(view.tl.recording.duration_s);
@@ -181,6 +184,10 @@ async function recordingView(id) {
   $("#zoom-in").addEventListener("click", () => { view.zoom = Math.min(view.zoom * 2, 4096); drawTimeline(view); });
   $("#zoom-out").addEventListener("click", () => { view.zoom = Math.max(view.zoom / 2, 1); drawTimeline(view); });
   $("#timeline").addEventListener("click", (ev) => timelineClick(view, ev));
+  $("#queue").addEventListener("click", (ev) => {
+    const li = ev.target.closest("li[data-track]");
+    if (li) selectTrack(view, Number(li.dataset.track));
+  });
   $("#timeline").addEventListener("wheel", (ev) => { ev.preventDefault(); view.zoom = Math.min(Math.max(view.zoom * (ev.deltaY < 0 ? 1.25 : 0.8), 1), 4096); drawTimeline(view); }, { passive: false });
   $("#b-accept").addEventListener("click", () => decide(view, { action: "accept", track_id: view.selected }));
   $("#b-reject").addEventListener("click", () => decide(view, { action: "reject", track_id: view.selected }));
@@ -202,12 +209,11 @@ async function recordingView(id) {
     $("#merge").hidden = true;
     decide(view, { action: "merge", track_id: view.selected, other_track_id: Number($("#merge-input").value) });
   });
-  const preview = async () => {
+  const preview = () => {
+    // The same rule as the server's accept_above: undecided tracks with a class and confidence >= X.
     const x = Number($("#bulk-threshold").value);
-    try {
-      const s = await getJSON(`/recordings/${id}/review?preview_accept_above=${x}`);
-      $("#bulk-preview").textContent = `${s.accept_above_preview.tracks} track(s)`;
-    } catch { /* shown by api() */ }
+    const n = view.state.queue.filter((q) => q.review.status === "pending" && q.class_id >= 0 && q.confidence >= x).length;
+    $("#bulk-preview").textContent = `${n} track(s)`;
   };
   $("#bulk-threshold").addEventListener("input", preview);
   view.preview = preview;
@@ -246,22 +252,46 @@ function openForm(form, input) {
   $(input).focus();
 }
 
-async function refreshState(view, state) {
+async function refreshState(view, state, reshaped = true) {
   view.state = state || await getJSON(`/recordings/${view.id}/review`);
-  view.tl = await getJSON(`/recordings/${view.id}/timeline`);
-  view.boxes.clear();
+  if (reshaped) {
+    // A merge, split or undo changes which tracks exist and their boxes: fetch the lanes and boxes again.
+    view.tl = await getJSON(`/recordings/${view.id}/timeline`);
+    view.boxes.clear();
+  } else {
+    // Accept, reject and relabel change only decisions: the queue items carry them.
+    const byId = new Map(view.state.queue.map((q) => [q.track_id, q]));
+    for (const lane of view.tl.lanes) {
+      const q = byId.get(lane.track_id);
+      if (!q) continue;
+      lane.status = q.review.status;
+      lane.class_id = q.review.status === "relabelled" ? q.review.class_id : q.class_id;
+      lane.class_name = q.review.status === "relabelled" ? q.review.class_name : q.class_name;
+    }
+  }
   renderQueue(view);
   renderSummary(view);
   drawTimeline(view);
   if (view.preview) view.preview();
 }
 
+// The queue shows a window of QUEUE_WINDOW items around the selected track: a 2-hour recording has thousands of
+// tracks, and laying all of them out again after every decision would make each keystroke wait for the browser.
+const QUEUE_WINDOW = 120;
+
 function renderQueue(view) {
-  $("#queue").innerHTML = view.state.queue.map((q) => `
-    <li role="option" id="q-${q.track_id}" data-track="${q.track_id}" aria-selected="${q.track_id === view.selected}">
+  const queue = view.state.queue;
+  const at = Math.max(0, queue.findIndex((q) => q.track_id === view.selected));
+  const start = Math.max(0, Math.min(at - 20, queue.length - QUEUE_WINDOW));
+  const end = Math.min(queue.length, start + QUEUE_WINDOW);
+  view.queueRange = [start, end];
+  const more = (n, where) => n > 0 ? `<li class="more" aria-disabled="true">${n} more ${where}</li>` : "";
+  $("#queue").innerHTML = more(start, "above") + queue.slice(start, end).map((q) => `
+    <li role="option" id="q-${q.track_id}" data-track="${q.track_id}" data-status="${q.review.status}" aria-selected="${q.track_id === view.selected}">
       <span>#${q.track_id}</span><span>${escapeHTML(q.review.status === "relabelled" ? q.review.class_name : q.class_name)}</span>
-      <span>${(q.confidence * 100).toFixed(1)}%</span><span class="status-${q.review.status}">${q.review.status}</span></li>`).join("");
-  for (const li of $("#queue").children) li.addEventListener("click", () => selectTrack(view, Number(li.dataset.track)));
+      <span>${(q.confidence * 100).toFixed(1)}%</span><span class="status-${q.review.status}">${q.review.status}</span></li>`).join("")
+    + more(queue.length - end, "below");
+  $("#queue-count").textContent = `${view.state.pending} of ${view.state.tracks} tracks to review`;
 }
 
 function renderSummary(view) {
@@ -285,8 +315,10 @@ async function download(view, fmt) {
 }
 
 async function selectTrack(view, trackId) {
+  $(`#q-${view.selected}`)?.setAttribute("aria-selected", "false");
   view.selected = trackId;
-  for (const li of $("#queue").children) li.setAttribute("aria-selected", String(Number(li.dataset.track) === trackId));
+  if (!$(`#q-${trackId}`) && view.state.queue.length > QUEUE_WINDOW) renderQueue(view); // outside the window shown
+  $(`#q-${trackId}`)?.setAttribute("aria-selected", "true");
   $(`#q-${trackId}`)?.scrollIntoView({ block: "nearest" });
   const q = view.state.queue.find((t) => t.track_id === trackId);
   const card = $("#card");
@@ -299,7 +331,7 @@ async function selectTrack(view, trackId) {
     <p>Next likely: ${q.top_classes.slice(1, 4).map((c) => `${escapeHTML(c.class_name)} ${(c.p * 100).toFixed(1)}%`).join(", ") || "none"}</p>
     <div class="crops" aria-label="best crops"></div>`;
   const crops = card.querySelector(".crops");
-  const lane = view.tl.lanes.find((l) => l.track_id === trackId);
+  const lane = view.laneById?.get(trackId) ?? view.tl.lanes.find((l) => l.track_id === trackId);
   for (let n = 0; n < (lane ? lane.crops : 0); n++) {
     const img = document.createElement("img");
     img.alt = `crop ${n + 1} of track ${trackId}`;
@@ -326,7 +358,7 @@ async function decide(view, body) {
     })).json();
     showError("");
     const before = view.selected;
-    await refreshState(view, state);
+    await refreshState(view, state, body.action === "split" || body.action === "merge");
     const pending = state.queue.find((q) => q.review.status === "pending");
     const keep = state.queue.find((q) => q.track_id === before);
     // After a decision, move on to the next undecided track; after a split or merge, stay on the track.
@@ -358,10 +390,16 @@ function split(view) {
 // ---- frame, boxes, timeline --------------------------------------------------------------------------------------
 async function boxesNear(view, t) {
   const bucket = Math.floor(t / 30);
-  if (!view.boxes.has(bucket)) {
-    view.boxes.set(bucket, getJSON(`/recordings/${view.id}/boxes?from_s=${bucket * 30}&to_s=${bucket * 30 + 30}`).catch(() => []));
+  let boxes = view.boxes.get(bucket);
+  if (boxes === undefined) {
+    boxes = getJSON(`/recordings/${view.id}/boxes?from_s=${bucket * 30}&to_s=${bucket * 30 + 30}`).catch(() => []);
+    // Scrubbing a long recording must not pile up every box in the page: keep the 16 latest windows (8 min).
+    if (view.boxes.size >= 16) view.boxes.delete(view.boxes.keys().next().value);
+  } else {
+    view.boxes.delete(bucket); // re-insert: most recently used last
   }
-  return view.boxes.get(bucket);
+  view.boxes.set(bucket, boxes);
+  return boxes;
 }
 
 async function seek(view, t) {
@@ -437,7 +475,7 @@ async function drawBoxes(view, t, overFrame = false) {
   const fps = rec.fps || 25;
   const shown = (await boxesNear(view, t)).filter((b) => Math.abs(b.t_s - t) <= 0.6 / fps);
   for (const b of shown) {
-    const lane = view.tl.lanes.find((l) => l.track_id === b.track_id);
+    const lane = view.laneById?.get(b.track_id);
     const selected = b.track_id === view.selected;
     ctx.strokeStyle = `hsl(${hue(lane ? lane.class_id : -1)} 90% 60%)`;
     ctx.lineWidth = selected ? 4 : 2;
@@ -447,6 +485,7 @@ async function drawBoxes(view, t, overFrame = false) {
     ctx.font = `${Math.max(12, 14 * scale)}px system-ui`;
     ctx.fillText(`#${b.track_id} ${lane ? lane.class_name : ""}`, x1, Math.max(12, y1 - 4));
   }
+  if (Math.abs(t - view.time) < 1e-3) canvas.dataset.drawn = t.toFixed(3); // what is on screen (tests, benches)
 }
 
 function visibleWindow(view) {
@@ -454,6 +493,23 @@ function visibleWindow(view) {
   const span = dur / view.zoom;
   const start = Math.min(Math.max(view.time - span / 2, 0), Math.max(dur - span, 0));
   return [start, start + span];
+}
+
+// One lane per track while they fit; on long recordings tracks that do not overlap in time share a row, so
+// thousands of tracks stay readable. Recomputed only when the timeline data changes.
+function layoutLanes(view, height) {
+  const lanes = view.tl.lanes;
+  view.laneById = new Map(lanes.map((l) => [l.track_id, l]));
+  const fits = lanes.length * 6 <= height - 16;
+  const rowEnds = [];
+  for (const lane of [...lanes].sort((a, b) => a.start_s - b.start_s || a.track_id - b.track_id)) {
+    let row = fits ? rowEnds.length : rowEnds.findIndex((end) => end < lane.start_s - 0.5);
+    if (row < 0) row = rowEnds.length;
+    rowEnds[row] = lane.end_s;
+    lane.row = row;
+  }
+  view.rows = Math.max(rowEnds.length, 1);
+  view.layoutFor = view.tl;
 }
 
 function drawTimeline(view) {
@@ -468,19 +524,20 @@ function drawTimeline(view) {
   ctx.clearRect(0, 0, rect.width, rect.height);
   const [t0, t1] = visibleWindow(view);
   const x = (t) => ((t - t0) / (t1 - t0)) * rect.width;
-  const lanes = view.tl.lanes;
-  const laneH = Math.max(4, Math.min(18, (rect.height - 16) / Math.max(lanes.length, 1)));
+  if (view.layoutFor !== view.tl) layoutLanes(view, rect.height);
+  const laneH = Math.max(3, Math.min(18, (rect.height - 16) / view.rows));
   view.laneH = laneH;
-  lanes.forEach((lane, i) => {
-    if (lane.end_s < t0 || lane.start_s > t1) return; // only what is visible is drawn
+  for (const lane of view.tl.lanes) {
+    if (lane.end_s < t0 || lane.start_s > t1) continue; // only what is visible is drawn
     const alpha = 0.25 + 0.75 * lane.confidence;
+    const y = 8 + lane.row * laneH;
     ctx.fillStyle = lane.status === "rejected" ? `rgba(242,139,130,0.35)` : `hsla(${hue(lane.class_id)} 80% 55% / ${alpha})`;
-    ctx.fillRect(x(lane.start_s), 8 + i * laneH, Math.max(2, x(lane.end_s) - x(lane.start_s)), laneH - 2);
+    ctx.fillRect(x(lane.start_s), y, Math.max(2, x(lane.end_s) - x(lane.start_s)), Math.max(1, laneH - 2));
     if (lane.track_id === view.selected) {
       ctx.strokeStyle = "#fdd663"; ctx.lineWidth = 2;
-      ctx.strokeRect(x(lane.start_s), 8 + i * laneH, Math.max(2, x(lane.end_s) - x(lane.start_s)), laneH - 2);
+      ctx.strokeRect(x(lane.start_s), y, Math.max(2, x(lane.end_s) - x(lane.start_s)), Math.max(1, laneH - 2));
     }
-  });
+  }
   ctx.fillStyle = "#fff";
   ctx.fillRect(x(view.time), 0, 2, rect.height);
 }
@@ -489,8 +546,10 @@ function timelineClick(view, ev) {
   const rect = ev.target.getBoundingClientRect();
   const [t0, t1] = visibleWindow(view);
   const t = t0 + ((ev.clientX - rect.left) / rect.width) * (t1 - t0);
-  const lane = view.tl.lanes[Math.floor((ev.clientY - rect.top - 8) / (view.laneH || 10))];
-  if (lane && t >= lane.start_s - 0.2 && t <= lane.end_s + 0.2) selectTrack(view, lane.track_id);
+  const row = Math.floor((ev.clientY - rect.top - 8) / (view.laneH || 10));
+  const slack = Math.max(0.2, 4 * ((t1 - t0) / rect.width)); // a bar is at least a few pixels wide
+  const lane = view.tl.lanes.find((l) => l.row === row && t >= l.start_s - slack && t <= l.end_s + slack);
+  if (lane) selectTrack(view, lane.track_id);
   else seek(view, Math.max(0, t));
 }
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from services.common.errors import UnreadableVideo
-from services.decode.reader import DecodeSettings, VideoReader, open_video
+from services.decode.reader import DecodeSettings, VideoReader, open_video, read_frame_at, read_frames_at
 from tests.synthvideo import (
     SignSpec,
     corrupt_tail,
@@ -174,3 +174,15 @@ def test_frames_decodes_once(clip):
         list(reader.frames())
         with pytest.raises(RuntimeError, match="decodes once"):
             list(reader.frames())
+
+
+def test_frames_at_times_equal_the_decoded_frames_in_any_order(clip):
+    _reader, frames = read_all(clip.path)
+    times = [clip.frame_times_s[20], clip.frame_times_s[3], clip.frame_times_s[3] + 1e-3, 0.0]
+    got = read_frames_at(clip.path, times)
+    assert [round(t, 6) for t, _ in got] == [round(clip.frame_times_s[i], 6) for i in (20, 3, 4, 0)]
+    for (_t, image), i in zip(got, (20, 3, 4, 0), strict=True):
+        np.testing.assert_array_equal(image, frames[i].image)
+    assert read_frame_at(clip.path, times[0])[0] == got[0][0]
+    with pytest.raises(UnreadableVideo, match="expected a frame at 99.000 s"):
+        read_frames_at(clip.path, [0.0, 99.0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from gateway.app import GatewaySettings, create_app
+from gateway.app import GatewaySettings, ReviewState, create_app
 from gateway.exports import read_cvat_video
 from services.common.labelfile import LabelFile, Review, save_label_file
 from tests.unit.gateway.test_label_exports import label_file, track
@@ -68,6 +68,7 @@ def test_queue_is_least_confident_first_with_a_preview(env):
     client, keys = env
     res = client.get("/recordings/rec1/review", params={"preview_accept_above": 0.9}, headers=keys["reviewer"])
     state = res.json()
+    ReviewState.model_validate(state)  # the answer, built as plain dicts for speed, keeps the documented schema
     assert [q["track_id"] for q in state["queue"]] == [4, 2, 3, 1]
     assert state["accept_above_preview"] == {"threshold": 0.9, "tracks": 2}
     assert (state["tracks"], state["pending"], state["reviewed"]) == (4, 4, False)
