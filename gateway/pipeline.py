@@ -35,6 +35,7 @@ from services.common.labelfile import (
     LabelFile,
     ModelRef,
     Recording,
+    Review,
     RunStats,
     ScoredClass,
     Track,
@@ -73,6 +74,11 @@ class PipelineSettings(BaseModel):
         review_below: Tracks with a lower confidence are flagged ``low_confidence``.
         min_confident_px: Tracks whose largest box is smaller than this (shorter side) are flagged ``small``.
         top_k: Candidate classes stored per track.
+        auto_accept: Accept without review the tracks the classifier is sure of: a sign class with confidence at or
+            above the threshold, every crop agreeing, not short and not small. Their review says ``accepted`` by
+            ``auto:<classifier version>@<threshold>``; a reviewer can still change it.
+        auto_accept_above: The threshold; None takes the classifier card's ``auto_accept_threshold`` (chosen on
+            the frozen validation set for 99 % precision), and no track is auto-accepted when the card has none.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -94,6 +100,8 @@ class PipelineSettings(BaseModel):
     review_below: float = Field(0.9, ge=0, le=1)
     min_confident_px: float = Field(20.0, ge=0)
     top_k: int = Field(5, ge=1, le=64)
+    auto_accept: bool = True
+    auto_accept_above: float | None = Field(None, ge=0, le=1)
 
     def model_post_init(self, context: object, /) -> None:
         if self.roi_xyxy is not None:
@@ -226,6 +234,7 @@ class _Labeller:
         self.recent: list[_LiveTrack] = []  # ended, but a later track may still continue them
         self.tracks: list[Track] = []
         self.counters = _Counters()
+        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     # -- detection and tracking -------------------------------------------------------------------------------
 
@@ -390,6 +399,16 @@ class _Labeller:
             reasons.append("short")
         if live.max_side_px < settings.min_confident_px:
             reasons.append("small")
+        review = Review()
+        threshold = settings.auto_accept_above if settings.auto_accept_above is not None else card.auto_accept_threshold
+        if (
+            settings.auto_accept
+            and threshold is not None
+            and class_id >= 0
+            and confidence >= threshold
+            and not set(reasons) - {"low_confidence"}
+        ):
+            review = Review(status="accepted", by=f"auto:{card.version}@{threshold:.4f}", at=self.started_at)
         order = np.argsort(-probs, kind="stable")[: settings.top_k]
         top_classes = tuple(
             ScoredClass(class_id=_public_id(int(i), card), class_name=_class_name(int(i), card), p=float(probs[i]))
@@ -420,6 +439,7 @@ class _Labeller:
             crop_agreement=round(agreement, 4),
             uncertain=bool(reasons),
             uncertainty=tuple(reasons),
+            review=review,
             best_crops=best,
             boxes=boxes,
         )

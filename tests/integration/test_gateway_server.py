@@ -62,8 +62,10 @@ def create_key(data_dir: Path, name: str, role: str = "uploader") -> str:
 
 
 @contextmanager
-def server(data_dir: Path, port: int, workers: int, lease_s: float = 30.0) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "ROADLABEL_LEASE_S": str(lease_s), "ROADLABEL_THREADS": "1"}
+def server(
+    data_dir: Path, port: int, workers: int, lease_s: float = 30.0, env: dict[str, str] | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
+    env = {**os.environ, "ROADLABEL_LEASE_S": str(lease_s), "ROADLABEL_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "gateway", "serve", "--data-dir", str(data_dir), "--port", str(port)]
     cmd += ["--workers", str(workers)]
     log_path = data_dir.parent / f"server-{port}-{time.monotonic_ns()}.log"

@@ -289,9 +289,10 @@ function renderQueue(view) {
   $("#queue").innerHTML = more(start, "above") + queue.slice(start, end).map((q) => `
     <li role="option" id="q-${q.track_id}" data-track="${q.track_id}" data-status="${q.review.status}" aria-selected="${q.track_id === view.selected}">
       <span>#${q.track_id}</span><span>${escapeHTML(q.review.status === "relabelled" ? q.review.class_name : q.class_name)}</span>
-      <span>${(q.confidence * 100).toFixed(1)}%</span><span class="status-${q.review.status}">${q.review.status}</span></li>`).join("")
+      <span>${(q.confidence * 100).toFixed(1)}%</span><span class="status-${q.review.status}">${q.review.status}${(q.review.by || "").startsWith("auto:") ? " (auto)" : ""}</span></li>`).join("")
     + more(queue.length - end, "below");
-  $("#queue-count").textContent = `${view.state.pending} of ${view.state.tracks} tracks to review`;
+  const auto = view.state.auto_accepted ? `; ${view.state.auto_accepted} accepted automatically (the model is sure of them)` : "";
+  $("#queue-count").textContent = `${view.state.pending} of ${view.state.tracks} tracks to review${auto}`;
 }
 
 function renderSummary(view) {
@@ -300,7 +301,7 @@ function renderSummary(view) {
   box.hidden = !s.reviewed;
   if (!s.reviewed) return;
   box.innerHTML = `<h2>Reviewed</h2><p>${s.tracks} tracks, ${s.decisions} decisions in ${Math.round(s.time_spent_s)} s;
-    the model was right on ${s.model_right} of ${s.tracks}.</p>
+    the model was right on ${s.model_right} of ${s.tracks}${s.auto_accepted ? ` (${s.auto_accepted} accepted automatically)` : ""}.</p>
     <p>Export: <button type="button" data-fmt="cvat-video">CVAT video</button> <button type="button" data-fmt="mot">MOT</button>
     <button type="button" data-fmt="label-studio">Label Studio</button></p>`;
   for (const b of box.querySelectorAll("button")) b.addEventListener("click", () => download(view, b.dataset.fmt));

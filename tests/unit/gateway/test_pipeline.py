@@ -227,3 +227,22 @@ def test_an_8k_recording_is_labelled(tmp_path):
     assert (labels.recording.width, labels.recording.height) == (7680, 4320)
     assert labels.recording.frame_count == 2
     assert labels.stats.detections == len(clip.boxes) > 0  # every frame went through detect and track
+
+
+def test_sure_tracks_are_accepted_without_review_at_the_cards_threshold(vfr_clip):
+    sure = FakeClassifier(p=0.95)
+    sure._card = sure.card.model_copy(update={"auto_accept_threshold": 0.9})
+    labels = label(vfr_clip, classifier=sure)
+    assert len(labels.tracks) == 3
+    for track in labels.tracks:
+        assert track.review.status == "accepted"
+        assert track.review.by == f"auto:{sure.card.version}@0.9000"
+    # Below the threshold, switched off, or a stricter threshold in the settings: every track waits for a person.
+    unsure = FakeClassifier(p=0.85)
+    unsure._card = sure.card
+    assert {t.review.status for t in label(vfr_clip, classifier=unsure).tracks} == {"pending"}
+    assert {t.review.status for t in label(vfr_clip, classifier=sure, auto_accept=False).tracks} == {"pending"}
+    assert {t.review.status for t in label(vfr_clip, classifier=sure, auto_accept_above=0.99).tracks} == {"pending"}
+    # A card without a threshold auto-accepts nothing unless the settings give one.
+    assert {t.review.status for t in label(vfr_clip).tracks} == {"pending"}
+    assert {t.review.status for t in label(vfr_clip, auto_accept_above=0.5).tracks} == {"accepted"}
