@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import logging
 import os
 import re
 import secrets
 import shutil
 import tempfile
+import threading
 import unicodedata
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,12 +43,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gateway.exports import export_labels
 from gateway.pipeline import PipelineSettings, file_sha256
+from gateway.review_cache import ReviewedCache
 from gateway.store import ApiKey, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
 from services.classifier.tracks import review_priority
-from services.common.errors import InputError, UnreadableVideo
-from services.common.labelfile import LabelFile, ReviewAction, Track, apply_review, load_label_file
-from services.decode.reader import DecodeSettings, VideoReader, read_frame_at
+from services.common.errors import InputError, ModelError, UnreadableVideo
+from services.common.labelfile import CropRef, LabelFile, ReviewAction, Track, apply_review
+from services.common.registry import Registry
+from services.decode.reader import DecodeSettings, VideoReader, read_frame_at, read_frames_at
 
 __all__ = ["ApiError", "GatewaySettings", "create_app"]
 
@@ -66,10 +72,17 @@ class GatewaySettings(BaseSettings):
         models_dir: Where model names (``detector``, ``classifier`` or others) are looked up as ``NAME.onnx``.
         detector_model: Default detector name.
         classifier_model: Default classifier name.
+        registry: Model registry folder (``ROADLABEL_REGISTRY``; default ``data_dir/models``), seeded from
+            ``models_dir`` on first use. The default names (``detector``, ``classifier``) resolve to the promoted
+            version when a job is created; ``TASK@VERSION`` names a registered version.
+        use_registry: False: model names are only looked up in ``models_dir`` (the registry is not used).
         lease_s: How long a job stays a worker's without a heartbeat (a killed worker's job is retried after it).
         threads: ONNX Runtime threads per model in each worker (None: one per core).
         engine: ``local``: each worker loads the models; ``ray``: workers call the models as shared Ray actors.
         ray_address: Ray cluster for the ``ray`` engine (None: a local one).
+        auto_accept: New jobs accept without review the tracks the classifier is sure of (its card's
+            ``auto_accept_threshold``; see ``PipelineSettings.auto_accept``). ``ROADLABEL_AUTO_ACCEPT=0`` sends
+            every track to a reviewer.
     """
 
     model_config = SettingsConfigDict(env_prefix="ROADLABEL_", extra="forbid", frozen=True)
@@ -81,11 +94,14 @@ class GatewaySettings(BaseSettings):
     models_dir: Path = Path(__file__).resolve().parents[1] / "deploy" / "models"
     detector_model: str = "detector"
     classifier_model: str = "classifier"
+    registry: Path | None = None
+    use_registry: bool = True
     lease_s: float = Field(30.0, gt=0)
     threads: int | None = Field(None, ge=1)
     log_level: str = "WARNING"
     engine: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    auto_accept: bool = True
 
     def resolved_database_url(self) -> str:
         """The database URL, defaulting to SQLite in the data directory."""
@@ -257,10 +273,25 @@ class ReviewState(BaseModel):
     decided: int
     reviewed: bool
     model_right: int
+    auto_accepted: int = Field(0, description="tracks accepted without review (the classifier's auto-accept threshold)")
     decisions: int
     time_spent_s: float
     accept_above_preview: dict[str, float | int] | None
     queue: list[QueueItem]
+
+
+def _jpeg(image: Any, max_w: int) -> bytes:
+    """An RGB image as JPEG, scaled down to ``max_w`` pixels wide at most."""
+    import io
+
+    from PIL import Image
+
+    pil = Image.fromarray(image)
+    if pil.width > max_w:
+        pil = pil.resize((max_w, max(1, round(pil.height * max_w / pil.width))), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    pil.save(buf, format="JPEG", quality=85)
+    return buf.getvalue()
 
 
 def review_order(track: Track) -> tuple[bool, float, float, int]:
@@ -334,8 +365,44 @@ class _Gateway:
         for sub in ("recordings", "labels", "tmp", "uploads"):
             (self.data_dir / sub).mkdir(parents=True, exist_ok=True)
         self.store: Store = open_store(settings.resolved_database_url())
-        self.default_settings = PipelineSettings()
+        self.default_settings = PipelineSettings(auto_accept=settings.auto_accept)
         self.url_secret = _url_secret(self.data_dir / "url-secret")
+        self.reviewed = ReviewedCache()
+        self._crops: OrderedDict[tuple[int, int, tuple[float, ...]], Future[list[bytes]]] = OrderedDict()
+        self._crops_lock = threading.Lock()
+
+    def track_crops(
+        self, key: tuple[int, int, tuple[float, ...]], video: Path, crops: tuple[CropRef, ...], margin: float
+    ) -> list[bytes]:
+        """JPEGs of a track's best crops, cut from the video once per track and kept for the latest tracks."""
+        with self._crops_lock:
+            pending = self._crops.get(key)
+            if pending is None:
+                pending = self._crops[key] = Future()
+                owner = True
+                while len(self._crops) > 64:
+                    self._crops.popitem(last=False)
+            else:
+                owner = False
+                self._crops.move_to_end(key)
+        if owner:
+            try:
+                from gateway.two_stage import crop_boxes
+
+                frames = read_frames_at(video, [c.t_s for c in crops])
+                out = []
+                for crop, (_when, image) in zip(crops, frames, strict=True):
+                    x1, y1, x2, y2 = crop_boxes(np.asarray([crop.xyxy]), margin, image.shape[:2])[0].tolist()
+                    out.append(_jpeg(image[y1:y2, x1:x2], 256))
+                pending.set_result(out)
+            except BaseException as exc:  # noqa: BLE001 - handed to every waiter, re-raised below
+                pending.set_exception(exc)
+                with self._crops_lock:
+                    self._crops.pop(key, None)
+        try:
+            return pending.result()
+        except UnreadableVideo as exc:
+            raise ApiError(404, "no_frame", f"crop: {exc}") from exc
 
     def sign(self, recording_id: str, expires: int) -> str:
         """A signature for a video URL: a ``<video>`` element cannot send the Authorization header."""
@@ -345,6 +412,15 @@ class _Gateway:
         return hmac.new(self.url_secret, message, hashlib.sha256).hexdigest()
 
     def model_path(self, name: str, kind: str) -> str:
+        if self.settings.use_registry and (name == kind or name.startswith(f"{kind}@")):
+            # The registry: the promoted version for the default name, or the named version. Resolved now, so a
+            # later promotion affects new jobs only.
+            try:
+                registry = Registry(self.settings.registry or self.data_dir / "models")
+                registry.seed(self.settings.models_dir)
+                return str(registry.resolve(name))
+            except (InputError, ModelError) as exc:
+                raise ApiError(422, "unknown_model", f"{kind}: {exc}") from exc
         if not _MODEL_NAME.fullmatch(name):
             raise ApiError(422, "bad_model", f"{kind}: expected a model name (letters, digits, _ . -), got {name!r}")
         path = (self.settings.models_dir / f"{name}.onnx").resolve()
@@ -709,10 +785,12 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         rec = gw.recording(recording_id)
         job: Job = rec["job"]
         actions = gw.store.review_actions_of(job.id)
-        labels = apply_review(load_label_file(path), [ReviewAction.model_validate(a["action"]) for a in actions])
-        return rec, job, labels, actions
+        return rec, job, gw.reviewed.reviewed(path, actions), actions
 
-    def state(recording_id: str, preview: float | None = None) -> ReviewState:
+    def state(recording_id: str, preview: float | None = None) -> Response:
+        """The review state as JSON (the ``ReviewState`` schema). Built as plain dicts: on a 2-hour recording the
+        queue holds thousands of tracks, and validating each as a model again on every decision costs more than
+        the decision itself; the unit tests check the output against ``ReviewState``."""
         _rec, job, labels, actions = reviewed(recording_id)
         tracks = labels.tracks
         pending = sum(t.review.status == "pending" for t in tracks)
@@ -721,85 +799,88 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         if preview is not None:
             n = sum(t.review.status == "pending" and t.class_id >= 0 and t.confidence >= preview for t in tracks)
             preview_out = {"threshold": preview, "tracks": n}
-        return ReviewState(
-            recording_id=recording_id,
-            job_id=job.id,
-            tracks=len(tracks),
-            pending=pending,
-            decided=len(tracks) - pending,
-            reviewed=bool(tracks) and pending == 0,
-            model_right=sum(t.review.status == "accepted" for t in tracks),
-            decisions=len(actions),
-            time_spent_s=spent,
-            accept_above_preview=preview_out,
-            queue=[
-                QueueItem(
-                    track_id=t.track_id,
-                    class_id=t.class_id,
-                    class_name=t.class_name,
-                    confidence=t.confidence,
-                    crop_agreement=t.crop_agreement,
-                    uncertain=t.uncertain,
-                    uncertainty=list(t.uncertainty),
-                    top_classes=[c.model_dump() for c in t.top_classes],
-                    first_frame=t.first_frame,
-                    last_frame=t.last_frame,
-                    start_s=t.start_s,
-                    end_s=t.end_s,
-                    boxes=len(t.boxes),
-                    review=t.review.model_dump(),
-                )
+        body = {
+            "recording_id": recording_id,
+            "job_id": job.id,
+            "tracks": len(tracks),
+            "pending": pending,
+            "decided": len(tracks) - pending,
+            "reviewed": bool(tracks) and pending == 0,
+            "model_right": sum(t.review.status == "accepted" for t in tracks),
+            "auto_accepted": sum(
+                t.review.status == "accepted" and (t.review.by or "").startswith("auto:") for t in tracks
+            ),
+            "decisions": len(actions),
+            "time_spent_s": spent,
+            "accept_above_preview": preview_out,
+            "queue": [
+                {
+                    "track_id": t.track_id,
+                    "class_id": t.class_id,
+                    "class_name": t.class_name,
+                    "confidence": t.confidence,
+                    "crop_agreement": t.crop_agreement,
+                    "uncertain": t.uncertain,
+                    "uncertainty": list(t.uncertainty),
+                    "top_classes": [
+                        {"class_id": c.class_id, "class_name": c.class_name, "p": c.p} for c in t.top_classes
+                    ],
+                    "first_frame": t.first_frame,
+                    "last_frame": t.last_frame,
+                    "start_s": t.start_s,
+                    "end_s": t.end_s,
+                    "boxes": len(t.boxes),
+                    "review": t.review.model_dump(mode="json"),
+                }
                 for t in sorted(tracks, key=review_order)
             ],
-        )
+        }
+        return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")
 
     @app.get("/recordings/{recording_id}/review", response_model=ReviewState, tags=["review"])
     async def get_review(
         recording_id: str,
         _key: ReaderKey,
         preview_accept_above: Annotated[float | None, Query(ge=0, le=1)] = None,
-    ) -> ReviewState:
+    ) -> Response:
         """The review queue (undecided and least confident first), counts, and optionally how many tracks
         "accept all above X" would accept."""
         return await anyio.to_thread.run_sync(lambda: state(recording_id, preview_accept_above))
 
     @app.post("/recordings/{recording_id}/review/actions", response_model=ReviewState, tags=["review"])
-    async def review_action(recording_id: str, body: ReviewActionIn, key: ReviewerKey) -> ReviewState:
+    async def review_action(recording_id: str, body: ReviewActionIn, key: ReviewerKey) -> Response:
         """Record one decision (saved at once, with who and when); answers the new state."""
-        _rec, job, labels, actions = reviewed(recording_id)
-        try:
-            action = ReviewAction(**body.model_dump(), by=key.name, at=datetime.now(UTC).isoformat())
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise ApiError(422, "bad_review_action", str(first["msg"]).removeprefix("Value error, ")) from exc
-        try:
-            apply_review(labels, [action])  # refuse what cannot apply before storing it
-        except InputError as exc:
-            raise ApiError(422, "bad_review_action", str(exc)) from exc
-        gw.store.add_review_action(recording_id, job.id, action.model_dump(mode="json"), key.name)
-        return state(recording_id)
+
+        def record() -> Response:
+            _rec, job, labels, _actions = reviewed(recording_id)
+            try:
+                action = ReviewAction(**body.model_dump(), by=key.name, at=datetime.now(UTC).isoformat())
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                raise ApiError(422, "bad_review_action", str(first["msg"]).removeprefix("Value error, ")) from exc
+            try:
+                apply_review(labels, [action])  # refuse what cannot apply before storing it
+            except InputError as exc:
+                raise ApiError(422, "bad_review_action", str(exc)) from exc
+            gw.store.add_review_action(recording_id, job.id, action.model_dump(mode="json"), key.name)
+            return state(recording_id)
+
+        return await anyio.to_thread.run_sync(record)
 
     @app.post("/recordings/{recording_id}/review/undo", response_model=ReviewState, tags=["review"])
-    async def review_undo(recording_id: str, key: ReviewerKey) -> ReviewState:
+    async def review_undo(recording_id: str, key: ReviewerKey) -> Response:
         """Undo the latest decision (anyone's); 409 when there is none."""
-        _rec, job, _labels, _actions = reviewed(recording_id)
-        if gw.store.undo_review_action(recording_id, job.id, key.name) is None:
-            raise ApiError(409, "nothing_to_undo", f"recording {recording_id!r}: no decision to undo")
-        return state(recording_id)
+
+        def undo() -> Response:
+            job: Job = gw.recording(recording_id)["job"]
+            label_file_of(recording_id)  # 409 when not labelled
+            if gw.store.undo_review_action(recording_id, job.id, key.name) is None:
+                raise ApiError(409, "nothing_to_undo", f"recording {recording_id!r}: no decision to undo")
+            return state(recording_id)
+
+        return await anyio.to_thread.run_sync(undo)
 
     # -- what the reviewer page shows ------------------------------------------------------------------------------
-
-    def jpeg(image: Any, max_w: int) -> bytes:
-        import io
-
-        from PIL import Image
-
-        pil = Image.fromarray(image)
-        if pil.width > max_w:
-            pil = pil.resize((max_w, max(1, round(pil.height * max_w / pil.width))), Image.Resampling.BILINEAR)
-        buf = io.BytesIO()
-        pil.save(buf, format="JPEG", quality=85)
-        return buf.getvalue()
 
     @app.get("/recordings/{recording_id}/timeline", tags=["review"])
     async def timeline(recording_id: str, _key: ReaderKey) -> dict[str, Any]:
@@ -844,14 +925,13 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         """The boxes shown between two times (at most 10 minutes of them): the page loads only what it draws."""
         if not to_s >= from_s or to_s - from_s > 600:
             raise ApiError(422, "bad_window", f"from_s/to_s: expected a window of at most 600 s, got {from_s}..{to_s}")
-        _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
-        return [
-            {"track_id": t.track_id, "frame": b.frame, "t_s": b.t_s, "xyxy": b.xyxy, "score": b.score}
-            for t in labels.tracks
-            if t.end_s >= from_s and t.start_s <= to_s
-            for b in t.boxes
-            if from_s <= b.t_s <= to_s
-        ]
+
+        def window() -> list[dict[str, Any]]:
+            path = label_file_of(recording_id)
+            job: Job = gw.recording(recording_id)["job"]
+            return gw.reviewed.boxes(path, gw.store.review_actions_of(job.id)).between(from_s, to_s)
+
+        return await anyio.to_thread.run_sync(window)
 
     @app.post("/recordings/{recording_id}/video-url", tags=["review"])
     async def video_url(recording_id: str, _key: ReaderKey) -> dict[str, str]:
@@ -893,7 +973,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             when, image = await anyio.to_thread.run_sync(read_frame_at, gw.data_dir / rec["path"], t_s)
         except UnreadableVideo as exc:
             raise ApiError(404, "no_frame", f"recording {recording_id!r}: no frame at {t_s:.3f} s") from exc
-        body = await anyio.to_thread.run_sync(jpeg, image, max_w)
+        body = await anyio.to_thread.run_sync(_jpeg, image, max_w)
         return Response(
             body,
             media_type="image/jpeg",
@@ -903,17 +983,15 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
     @app.get("/recordings/{recording_id}/tracks/{track_id}/crops/{n}.jpg", tags=["review"], response_class=Response)
     async def crop_jpeg(recording_id: str, track_id: int, n: int, _key: ReaderKey) -> Response:
         """One of a track's best crops (``n`` from 0, best first), cut again from the video."""
-        rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
+        rec, job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
         track = next((t for t in labels.tracks if t.track_id == track_id), None)
         if track is None or not 0 <= n < len(track.best_crops):
             raise ApiError(404, "not_found", f"track {track_id} of {recording_id!r}: no crop {n}")
-        crop = track.best_crops[n]
-        _when, image = await anyio.to_thread.run_sync(read_frame_at, gw.data_dir / rec["path"], crop.t_s)
-        from gateway.two_stage import crop_boxes
-
+        # All of a track's crops are cut in one pass over the video (the page asks for them together) and kept.
+        key = (job.id, track_id, tuple(c.t_s for c in track.best_crops))
         margin = float(labels.settings.get("crop_margin", 0.15))
-        x1, y1, x2, y2 = crop_boxes(np.asarray([crop.xyxy]), margin, image.shape[:2])[0].tolist()
-        body = await anyio.to_thread.run_sync(jpeg, image[y1:y2, x1:x2], 256)
+        video = gw.data_dir / rec["path"]
+        body = (await anyio.to_thread.run_sync(gw.track_crops, key, video, track.best_crops, margin))[n]
         return Response(body, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
     # -- tus 1.0.0 resumable uploads (core protocol + creation) -----------------------------------------------------

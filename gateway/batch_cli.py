@@ -116,9 +116,11 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
 def _ray_engine(args: argparse.Namespace, settings: PipelineSettings) -> RayEngine | None:
     from gateway.ray_engine import RayEngine, RaySettings
 
-    det_path, _ = _model_path(args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector")
-    cls_path, _ = _model_path(args.classifier, MODEL_ENV_VAR, default_classifier_path(), "--classifier")
     try:
+        det_path, _ = _model_path(args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector", args.registry)
+        cls_path, _ = _model_path(
+            args.classifier, MODEL_ENV_VAR, default_classifier_path(), "--classifier", args.registry
+        )
         ray_settings = RaySettings(
             address=args.address,
             detector_replicas=args.detector_replicas,

@@ -100,14 +100,23 @@ def _build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_classify(commands)
     # Here, not at the top: these modules import this module's exit codes.
-    from gateway import batch_cli, detect_cli, label_cli, serve_cli
+    from gateway import batch_cli, detect_cli, label_cli, models_cli, serve_cli
 
     detect_cli.add_commands(commands)  # detect, eval detector
     label_cli.add_commands(commands)  # label, export
     batch_cli.add_commands(commands)  # batch
     serve_cli.add_commands(commands)  # serve, keys
+    models_cli.add_commands(commands)  # models list|add|eval|promote
+    _add_dataset(commands)  # dataset build
     # The training code is imported only for a train command: classify must not depend on it (nor on torch).
     _add_train(commands, load="train" in argv)
+    selftrain = commands.add_parser("selftrain", help="self-train the classifier on unlabeled crops (train extra)")
+    if "selftrain" in argv:
+        # Imports no torch itself (the trainer does, per round), but only this command needs it.
+        from services.classifier.train import selftrain_cli
+
+        selftrain_cli.add_arguments(selftrain)
+        selftrain.set_defaults(run=selftrain_cli.run)
     return parser
 
 
@@ -155,6 +164,24 @@ def _add_classify(commands: argparse._SubParsersAction[argparse.ArgumentParser])
         help="image decoding threads (default: %(default)s)",
     )
     cmd.set_defaults(run=_run_classify)
+
+
+def _add_dataset(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from gateway import dataset_cli  # here, not at the top: it imports this module's exit codes
+
+    dataset = commands.add_parser("dataset", help="make training data sets from reviewed label files")
+    actions = dataset.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    build = actions.add_parser(
+        "build",
+        help="sign crops (GTSRB layout) and boxed frames (GTSDB, YOLO, COCO) from reviewed label files",
+        description="Cut crops of reviewed tracks (several per track, chosen for diversity) and write frames with "
+        "their reviewed boxes, with a manifest naming the recording, track and frame of every item. Rejected "
+        "tracks become hard negatives. See README.md, 'Dataset from reviewed labels'.",
+        epilog=dataset_cli.EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    dataset_cli.add_arguments(build)
+    build.set_defaults(run=dataset_cli.run)
 
 
 def _add_train(commands: argparse._SubParsersAction[argparse.ArgumentParser], *, load: bool) -> None:

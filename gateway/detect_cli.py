@@ -34,6 +34,7 @@ from services.common.classes import UNKNOWN
 from services.common.errors import ConfigError, InputError, ModelError, UnreadableImage
 from services.common.images import IMAGE_SUFFIXES, iter_image_files, load_image
 from services.common.modelcard import card_path_for, load_card
+from services.common.registry import REGISTRY_ENV_VAR, Registry, default_models_dir
 from services.common.types import Detections, Frame, FrameRef
 from services.detector.api import DetectorSettings
 from services.detector.metrics import DetectionEvaluator, DetectionReport, GroundTruth, read_gtsdb_gt
@@ -98,6 +99,14 @@ def _add_model_options(cmd: argparse.ArgumentParser, *, batch_size: int | None =
         metavar="PATH",
         help=f"classifier .onnx file, with its .card.json beside it (default: ${MODEL_ENV_VAR}, else "
         f"{default_classifier_path()})",
+    )
+    cmd.add_argument(
+        "--registry",
+        type=Path,
+        metavar="DIR",
+        default=Path(os.environ[REGISTRY_ENV_VAR]) if os.environ.get(REGISTRY_ENV_VAR) else None,
+        help=f"model registry (default: ${REGISTRY_ENV_VAR}); without --detector/--classifier its promoted versions "
+        "are used, and --classifier classifier@VERSION names a registered one",
     )
     cmd.add_argument(
         "--batch-size",
@@ -205,20 +214,50 @@ def _add_eval(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> 
 # --- shared plumbing -------------------------------------------------------------------------------------------------
 
 
-def _model_path(given: Path | None, env_var: str, default: Path, option: str) -> tuple[Path, str]:
+def _model_path(
+    given: Path | None, env_var: str, default: Path, option: str, registry: Path | None = None
+) -> tuple[Path, str]:
+    task = option.removeprefix("--")
     if given is not None:
+        if registry is not None and str(given).startswith(f"{task}@") and not given.is_file():
+            return _from_registry(registry, str(given)), f"{option} {given} in {registry}"
         return given, option
     if os.environ.get(env_var):
         return Path(os.environ[env_var]), f"${env_var}"
+    if registry is not None:
+        return _from_registry(registry, task), f"the promoted {task} of {registry}"
     return default, "the default path"
+
+
+def _from_registry(registry: Path, spec: str) -> Path:
+    """A registry model file (seeding the registry from deploy/models on first use).
+
+    Raises:
+        ModelError: no such version in the registry, or its files changed.
+    """
+    reg = Registry(registry)
+    try:
+        reg.seed(default_models_dir())
+        return reg.resolve(spec)
+    except InputError as exc:
+        raise ModelError(str(exc)) from exc
 
 
 def _load_models(
     args: argparse.Namespace, detector_settings: DetectorSettings
 ) -> tuple[OnnxDetector, OnnxClassifier] | None:
     """Both models, or None after naming the problem on stderr."""
-    det_path, det_source = _model_path(args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector")
-    cls_path, cls_source = _model_path(args.classifier, MODEL_ENV_VAR, default_classifier_path(), "--classifier")
+    registry = getattr(args, "registry", None)
+    try:
+        det_path, det_source = _model_path(
+            args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector", registry
+        )
+        cls_path, cls_source = _model_path(
+            args.classifier, MODEL_ENV_VAR, default_classifier_path(), "--classifier", registry
+        )
+    except ModelError as exc:
+        _say(f"roadlabel: {exc}")
+        return None
     try:
         detector = OnnxDetector(det_path, settings=detector_settings, intra_op_threads=args.threads)
     except (ModelError, ConfigError) as exc:
@@ -416,8 +455,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     if settings is None:
         return 2
     operating, two_stage = settings
-    det_path, det_source = _model_path(args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector")
+    det_source = "--registry"
     try:
+        det_path, det_source = _model_path(
+            args.detector, DETECTOR_ENV_VAR, default_detector_path(), "--detector", getattr(args, "registry", None)
+        )
         threshold = DetectorSpec.from_card(load_card(card_path_for(det_path)), operating).score_threshold
     except ModelError as exc:
         _say(f"roadlabel: {exc} (detector from {det_source}; choose one with --detector or ${DETECTOR_ENV_VAR})")

@@ -41,6 +41,13 @@ def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) 
         "--engine", choices=["local", "ray"], help="local: models in each worker; ray: models as shared Ray actors"
     )
     serve.add_argument("--address", metavar="ADDR", help="Ray cluster for --engine ray (default: start a local one)")
+    serve.add_argument(
+        "--registry",
+        type=Path,
+        metavar="DIR",
+        help="model registry: new jobs use its promoted versions (default: $ROADLABEL_REGISTRY, else DATA_DIR/models, "
+        "seeded from deploy/models on first use)",
+    )
     _store_options(serve)
     serve.set_defaults(run=_run_serve)
 
@@ -74,7 +81,12 @@ def _run_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = _settings(
-            args, workers=args.workers, log_level=args.log_level, engine=args.engine, ray_address=args.address
+            args,
+            workers=args.workers,
+            log_level=args.log_level,
+            engine=args.engine,
+            ray_address=args.address,
+            registry=args.registry,
         )
     except ValidationError as exc:
         _say(f"roadlabel: settings: {exc.errors()[0]['loc']}: {exc.errors()[0]['msg']}")

@@ -38,6 +38,13 @@ class ModelCard(BaseModel):
     background_class: int | None = Field(None, description="index of the not-a-sign class, if any")
     temperature: float = Field(1.0, gt=0, description="logits are divided by this before softmax")
     reject_threshold: float = Field(0.0, ge=0, le=1, description="calibrated confidence below which -> unknown")
+    auto_accept_threshold: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="track confidence at or above which a track is accepted without review (chosen on the frozen "
+        "set for a target precision; see metrics['frozen']['auto_accept']); None: every track is reviewed",
+    )
     onnx_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     onnx_input: str = "images"
     onnx_output: str = "logits"

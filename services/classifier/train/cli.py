@@ -10,12 +10,51 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from services.classifier.frozen import default_manifest_path
+from services.classifier.train.frozen import resolve_sources
+from services.common.registry import REGISTRY_ENV_VAR, Registry, open_registry, parse_model_spec
+
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the classifier training options to ``parser``."""
-    parser.add_argument("--data", type=Path, required=True, help="GTSRB training folder (000NN/GT-000NN.csv)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        required=True,
+        help="GTSRB training folder (000NN/GT-000NN.csv), or a dataset folder with classification/ (from "
+        "'roadlabel dataset build'); repeatable with --base or --frozen",
+    )
+    parser.add_argument(
+        "--base",
+        help="fine-tune from this model: classifier@VERSION / classifier@promoted (registry) or PATH.onnx with its "
+        "card; its class list is kept. Implies --frozen (default manifest)",
+    )
+    parser.add_argument(
+        "--frozen",
+        type=Path,
+        help="frozen validation manifest: never trained on, the validation set (default with --base: "
+        "deploy/models/frozen/classifier.json)",
+    )
+    parser.add_argument(
+        "--data-root",
+        type=Path,
+        help="folder holding the frozen set's files (default: $ROADLABEL_DATA or ../shared/data)",
+    )
+    parser.add_argument(
+        "--registry",
+        type=Path,
+        help="register the new version here (not promoted); default "
+        "$ROADLABEL_REGISTRY when --base names a registry version",
+    )
+    parser.add_argument(
+        "--auto-accept-precision",
+        type=float,
+        default=0.99,
+        help="precision of auto-accepted tracks on the frozen set (default: %(default)s)",
+    )
     parser.add_argument(
         "--background",
         type=Path,
@@ -26,10 +65,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder for classifier.onnx and its card")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="default: 30 on a GPU, 24 on a CPU (28 min on 2 cores)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 30 on a GPU, 24 on a CPU (28 min on 2 cores); with --base: 4 (GPU), 3 (CPU)",
     )
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: 2e-3; with --base: 3e-4")
     parser.add_argument("--input-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -41,23 +83,46 @@ def run(args: argparse.Namespace) -> int:
     import torch  # noqa: PLC0415 - training-only dependency, kept out of the serving import path
     from tqdm import tqdm  # noqa: PLC0415
 
-    from services.classifier.train.loop import TrainEvent, TrainSettings, train_classifier  # noqa: PLC0415
+    from services.classifier.train.loop import (  # noqa: PLC0415
+        WEIGHTS_FILE,
+        TrainEvent,
+        TrainSettings,
+        train_classifier,
+    )
 
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    if not 0 < args.auto_accept_precision <= 1:
+        raise SystemExit(f"--auto-accept-precision: expected a number in (0, 1], got {args.auto_accept_precision}")
+    data = list(args.data)
+    base_path, base_checkpoint, registry = _resolve_base(args)
+    frozen = args.frozen
+    if frozen is None and (base_path is not None or len(data) > 1):
+        frozen = default_manifest_path("classifier")
     background = list(args.background)
-    beside = args.data.parent / "gtsdb_train"
+    if frozen is None and (data[0] / "classification").is_dir():
+        # A 'roadlabel dataset build' folder trained on alone: its crops in the GTSRB layout, and its background.
+        sources = resolve_sources(data, ())
+        data, background = list(sources.signs), [*background, *sources.background]
+    beside = data[0].parent / "gtsdb_train"
     if not background and (beside / "gt.txt").is_file():
         background = [beside]
         sys.stderr.write(f"not-a-sign crops from {beside} (pass --background to choose)\n")
     elif not background:
         sys.stderr.write("warning: no --background data: the model will not learn to reject crops that are no sign\n")
+    fine_tune = base_path is not None
     settings = TrainSettings(
-        data=args.data,
+        data=data[0],
+        extra_data=tuple(data[1:]),
+        base=base_path,
+        base_checkpoint=base_checkpoint,
+        frozen=frozen,
+        data_root=args.data_root,
+        auto_accept_precision=args.auto_accept_precision,
         background=tuple(background),
         out=args.out,
-        epochs=args.epochs or (30 if on_gpu else 24),
+        epochs=args.epochs or ((4 if on_gpu else 3) if fine_tune else (30 if on_gpu else 24)),
         batch_size=args.batch_size,
-        lr=args.lr,
+        lr=args.lr or (3e-4 if fine_tune else 2e-3),
         input_size=args.input_size,
         seed=args.seed,
         device=args.device,
@@ -97,4 +162,40 @@ def run(args: argparse.Namespace) -> int:
         f"(T={result.card.temperature:.3f}), background rejected {m['val_background_rejection_rate']:.4f}, "
         f"signs rejected {m['val_sign_rejection_rate']:.4f}, {m['train_seconds']:.0f} s\n"
     )
+    frozen_fig = m.get("frozen")
+    if frozen_fig is not None:
+        auto = frozen_fig["auto_accept"]
+        sys.stdout.write(
+            f"frozen set {frozen_fig['manifest_sha256'][:12]}: track accuracy {frozen_fig['track_accuracy']:.4f} "
+            f"({frozen_fig['tracks']} tracks), crop sign accuracy {frozen_fig['sign_accuracy']:.4f}, background "
+            f"rejection {frozen_fig['background_rejection']:.4f}, NLL {frozen_fig['nll']:.4f}, ECE "
+            f"{frozen_fig['ece']:.4f}; auto-accept >= {auto.get('threshold')} (precision {auto.get('precision')}, "
+            f"coverage {auto.get('coverage')})\n"
+        )
+    if registry is not None:
+        info = registry.add(result.model_path, checkpoint=result.model_path.parent / WEIGHTS_FILE)
+        sys.stdout.write(
+            f"registered classifier@{info.version} in {registry.root} (parent {info.card.parent_version}); "
+            f"promote with: roadlabel models promote classifier {info.version} --registry {registry.root}\n"
+        )
     return 0
+
+
+def _resolve_base(args: argparse.Namespace) -> tuple[Path | None, Path | None, Registry | None]:
+    """--base and --registry -> (base ONNX path, its checkpoint or None, the registry to add the result to)."""
+    registry = open_registry(args.registry)
+    if args.base is None:
+        return None, None, registry
+    if args.base.endswith(".onnx"):
+        path = Path(args.base)
+        if not path.is_file():
+            raise SystemExit(f"--base: expected an .onnx file with its card beside it, got {path} (no such file)")
+        beside = path.parent / "checkpoint.pt"
+        return path, (beside if beside.is_file() else None), registry
+    task, version = parse_model_spec(args.base)
+    if task != "classifier":
+        raise SystemExit(f"--base: expected a classifier version, got {args.base!r}")
+    if registry is None:
+        raise SystemExit(f"--base {args.base}: expected --registry DIR or ${REGISTRY_ENV_VAR} to find it")
+    info = registry.get(task, version)
+    return info.model_path, info.checkpoint, registry

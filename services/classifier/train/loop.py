@@ -26,6 +26,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_imagenet_weights
+from services.classifier.api import calibrated_log_probs
+from services.classifier.frozen import FrozenCrops, default_data_root, frozen_figures, load_frozen_crops, load_manifest
+from services.classifier.preprocess import resize_crop
 from services.classifier.train.augment import AugmentSettings, augment_batch
 from services.classifier.train.calibrate import (
     choose_reject_threshold,
@@ -35,14 +38,19 @@ from services.classifier.train.calibrate import (
 )
 from services.classifier.train.data import BACKGROUND_CLASS, CropSet, build_crop_sets, data_sha256
 from services.classifier.train.export import export_onnx
+from services.classifier.train.from_onnx import load_base_classifier
+from services.classifier.train.frozen import Excluded, load_training_crops, resolve_sources
 from services.common.classes import GTSRB_CLASS_NAMES, NOT_A_SIGN
-from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256
+from services.common.errors import InputError, ModelError
+from services.common.modelcard import ModelCard, atomic_write_bytes, card_path_for, file_sha256, load_card
 
 __all__ = ["TrainEvent", "TrainResult", "TrainSettings", "calibrate", "evaluate_logits", "train_classifier"]
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "classifier.onnx"
+WEIGHTS_FILE = "weights-fp16.pt"
+"""EMA weights only, fp16: what the registry stores as a version's ``checkpoint.pt``."""
 
 
 class TrainSettings(BaseModel):
@@ -68,6 +76,14 @@ class TrainSettings(BaseModel):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_steps: int | None = Field(None, ge=1, description="stop each epoch after this many steps (smoke tests)")
+    extra_data: tuple[Path, ...] = Field((), description="more sign sources (GTSRB layout or dataset folders)")
+    base: Path | None = Field(None, description="fine-tune from this ONNX model (card beside it)")
+    base_checkpoint: Path | None = Field(None, description="torch checkpoint of the base (else ONNX converted back)")
+    frozen: Path | None = Field(
+        None, description="frozen manifest: its files are never trained on, and it is the validation set"
+    )
+    data_root: Path | None = Field(None, description="folder holding the frozen set's source folders")
+    auto_accept_precision: float = Field(0.99, gt=0, le=1, description="target precision of auto-accepted tracks")
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,18 +175,34 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         torch.set_num_threads(os.cpu_count() or 1)
     hw = (settings.input_size, settings.input_size)
 
-    train_set, val_set = build_crop_sets(
-        settings.data,
-        settings.background,
-        hw=hw,
-        val_fraction=settings.val_fraction,
-        background_per_scene=settings.background_per_scene,
-        seed=settings.seed,
-        threads=min(8, os.cpu_count() or 1),
-        on_progress=lambda stage, done, total: emit(TrainEvent(f"load:{stage}", done, total)),
-    )
     num_classes = BACKGROUND_CLASS + 1
-    model = build_model(num_classes).to(device)
+    base_card: ModelCard | None = None
+    base_how = "ImageNet"
+    frozen: FrozenCrops | None = None
+    excluded: Excluded | None = None
+    if settings.base is not None:
+        base_card = load_card(card_path_for(settings.base))
+        _check_base(base_card, hw)
+        model, base_how = load_base_classifier(settings.base, base_card, settings.base_checkpoint)
+        log.info("fine-tuning from %s (%s)", base_card.version, base_how)
+    else:
+        model = build_model(num_classes)
+    if settings.frozen is None:
+        if settings.extra_data or settings.base is not None:
+            raise InputError("training: --base and more than one --data need the frozen set (settings.frozen)")
+        train_set, val_set = build_crop_sets(
+            settings.data,
+            settings.background,
+            hw=hw,
+            val_fraction=settings.val_fraction,
+            background_per_scene=settings.background_per_scene,
+            seed=settings.seed,
+            threads=min(8, os.cpu_count() or 1),
+            on_progress=lambda stage, done, total: emit(TrainEvent(f"load:{stage}", done, total)),
+        )
+    else:
+        train_set, val_set, frozen, excluded = _load_with_frozen(settings, hw, emit)
+    model = model.to(device)
     model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # missing from torch's stub
     ema = deepcopy(model).eval()
     for p in ema.parameters():
@@ -199,6 +231,12 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
     step = 0
     for epoch in range(1, settings.epochs + 1):
         model.train()
+        if base_card is not None:
+            # Fine-tuning keeps BatchNorm in eval mode: a base converted from ONNX has its BN folded into the
+            # convolutions (identity BN with running stats 0/1), which batch statistics would undo.
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.eval()
         order = torch.randperm(len(train_set), generator=gen, device=device)
         loss_sum = correct = seen = 0.0
         for b in range(steps_per_epoch):
@@ -271,14 +309,31 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         temperature=temperature,
         reject_threshold=threshold,
         onnx_sha256=sha,
-        training_data_sha256=data_sha256([settings.data, *settings.background]),
+        parent_version=base_card.version if base_card is not None else None,
+        training_data_sha256=data_sha256([settings.data, *settings.extra_data, *settings.background]),
         # Through JSON, so the card in memory equals the card read back from disk (tuples become lists).
         training=json.loads(
             json.dumps(json.loads(settings.model_dump_json()) | {"augment": asdict(aug), "torch": torch.__version__})
         ),
         metrics=metrics,
-        extra={"created": created.isoformat(), "train_size": len(train_set), "val_split": "by GTSRB track / by scene"},
+        extra={
+            "created": created.isoformat(),
+            "train_size": len(train_set),
+            "val_split": "by GTSRB track / by scene" if frozen is None else f"frozen set {frozen.manifest.sha256}",
+            "initialised_from": base_how,
+        }
+        | ({} if excluded is None else {"excluded_as_frozen": asdict(excluded)}),
     )
+    if frozen is not None:
+        frozen_fig = frozen_figures(
+            calibrated_log_probs(val_logits, temperature), frozen, card, settings.auto_accept_precision
+        )
+        card = card.model_copy(
+            update={
+                "metrics": card.metrics | {"frozen": frozen_fig},
+                "auto_accept_threshold": frozen_fig["auto_accept"].get("threshold"),
+            }
+        )
     card.save(out / "classifier.card.json")
     atomic_write_bytes(out / "history.json", json.dumps(history, indent=1).encode())
     checkpoint = out / "checkpoint.pt"
@@ -293,9 +348,57 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         checkpoint.with_suffix(".tmp"),
     )
     checkpoint.with_suffix(".tmp").replace(checkpoint)
+    # The registry keeps only the EMA weights, in fp16 (half the size; fine-tuning starts from them).
+    slim = out / WEIGHTS_FILE
+    torch.save(
+        {
+            "model": {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()},
+            "version": card.version,
+        },
+        slim.with_suffix(".tmp"),
+    )
+    slim.with_suffix(".tmp").replace(slim)
     emit(TrainEvent("export", 1, 1))
     log.info("classifier trained: %s", json.dumps(metrics))
     return TrainResult(model_path, card, history)
+
+
+def _check_base(card: ModelCard, hw: tuple[int, int]) -> None:
+    want = (*GTSRB_CLASS_NAMES, NOT_A_SIGN)
+    if card.task != "classifier" or tuple(card.class_names) != want or card.background_class != BACKGROUND_CLASS:
+        raise ModelError(
+            f"--base {card.name} {card.version}: expected a classifier with the {len(want)} classes "
+            f"{want[0]}..{want[-1]} (background {BACKGROUND_CLASS}), got task {card.task} with "
+            f"{len(card.class_names)} classes (background {card.background_class}); fine-tuning keeps the class list"
+        )
+    if tuple(card.input_hw) != hw:
+        raise InputError(f"--input-size: expected the base model's {card.input_hw[0]}, got {hw[0]}")
+
+
+def _load_with_frozen(
+    settings: TrainSettings, hw: tuple[int, int], emit: Callable[[TrainEvent], None]
+) -> tuple[CropSet, CropSet, FrozenCrops, Excluded]:
+    """Training crops without the frozen files, and the frozen set as the validation set."""
+    assert settings.frozen is not None
+    manifest = load_manifest(settings.frozen, "classifier")
+    frozen = load_frozen_crops(
+        manifest,
+        settings.data_root or default_data_root(),
+        BACKGROUND_CLASS,
+        lambda done, total: emit(TrainEvent("load:frozen", done, total)),
+    )
+    val_set = CropSet(np.stack([resize_crop(c, hw) for c in frozen.crops]), frozen.labels.copy(), frozen.groups.copy())
+    sources = resolve_sources([settings.data, *settings.extra_data], settings.background)
+    train_set, excluded = load_training_crops(
+        sources,
+        manifest,
+        hw=hw,
+        background_per_scene=settings.background_per_scene,
+        seed=settings.seed,
+        threads=min(8, os.cpu_count() or 1),
+        on_progress=lambda stage, done, total: emit(TrainEvent(f"load:{stage}", done, total or None)),
+    )
+    return train_set, val_set, frozen, excluded
 
 
 def split_summary(train: CropSet, val: CropSet) -> dict[str, int]:

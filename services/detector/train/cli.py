@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 from typing import Never
 
+from services.common.registry import REGISTRY_ENV_VAR, Registry, open_registry, parse_model_spec
+from services.detector.frozen import default_manifest_path
+
 __all__ = ["add_arguments", "run"]
 
 
@@ -23,16 +26,37 @@ def _hw(text: str) -> tuple[int, int]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the detector training options to ``parser``."""
-    parser.add_argument("--data", type=Path, required=True, help="GTSDB training folder (gt.txt + scenes)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="GTSDB training folder (gt.txt + scenes), or a dataset folder with detection/ in that layout",
+    )
+    parser.add_argument(
+        "--base",
+        help="fine-tune from this model: detector@VERSION / detector@promoted (registry) or PATH.onnx with its card "
+        "(its checkpoint.pt when stored beside it, else the ONNX weights converted back). Implies --frozen",
+    )
+    parser.add_argument(
+        "--frozen",
+        type=Path,
+        help="frozen validation manifest: its scenes are never trained on and are the validation set "
+        "(default with --base: deploy/models/frozen/detector.json)",
+    )
+    parser.add_argument("--data-root", type=Path, help="folder holding the frozen set's source folder")
+    parser.add_argument("--registry", type=Path, help="register the new version here (not promoted)")
     parser.add_argument(
         "--gtsrb", type=Path, default=None, help="GTSRB training folder (000NN/GT-000NN.csv): signs to copy-paste"
     )
     parser.add_argument("--out", type=Path, required=True, help="output folder for detector.onnx and its card")
     parser.add_argument(
-        "--epochs", type=int, default=None, help="default: 100 on a GPU, 50 on a CPU (about 70 minutes on 2 cores)"
+        "--epochs",
+        type=int,
+        default=None,
+        help="default: 100 on a GPU, 50 on a CPU (about 70 minutes on 2 cores); with --base: 10 (GPU), 5 (CPU)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="default: 2e-3; with --base: 5e-4")
     parser.add_argument(
         "--input-hw",
         type=_hw,
@@ -68,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm  # noqa: PLC0415
 
     from services.detector.train.loop import (  # noqa: PLC0415
+        WEIGHTS_FILE,
         TrainEvent,
         TrainSettings,
         export_checkpoint,
@@ -75,18 +100,26 @@ def run(args: argparse.Namespace) -> int:
     )
 
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    data = args.data / "detection" if (args.data / "detection").is_dir() else args.data
+    base_path, base_checkpoint, registry = _resolve_base(args)
+    frozen = args.frozen or (default_manifest_path() if base_path is not None else None)
+    fine_tune = base_path is not None
     settings = (
         None
         if args.export_only
         else TrainSettings(
-            data=args.data,
+            data=data,
             gtsrb=args.gtsrb,
+            base=base_path,
+            base_checkpoint=base_checkpoint,
+            frozen=frozen,
+            data_root=args.data_root,
             out=args.out,
             input_hw=args.input_hw or (576, 1024),
             crop_size=args.crop_size,
-            epochs=args.epochs or (100 if on_gpu else 50),
+            epochs=args.epochs or ((10 if on_gpu else 5) if fine_tune else (100 if on_gpu else 50)),
             batch_size=args.batch_size,
-            lr=args.lr,
+            lr=args.lr or (5e-4 if fine_tune else 2e-3),
             val_images=args.val_images,
             seed=args.seed,
             device=args.device,
@@ -141,4 +174,36 @@ def run(args: argparse.Namespace) -> int:
         f"images / {m['val_boxes']} signs; at score >= {result.card.extra['score_threshold']:.3f}: recall "
         f"{m['val_recall']:.4f}, {m['val_fp_per_image']:.3f} FP/image; {m['train_seconds']:.0f} s\n"
     )
+    frozen_fig = m.get("frozen")
+    if frozen_fig is not None:
+        sys.stdout.write(
+            f"frozen set {frozen_fig['manifest_sha256'][:12]}: AP50 {frozen_fig['ap50']:.4f}, recall "
+            f"{frozen_fig['recall']:.4f} at score >= {frozen_fig['threshold']:.3f} ({frozen_fig['images']} images)\n"
+        )
+    if registry is not None:
+        info = registry.add(result.model_path, checkpoint=result.model_path.parent / WEIGHTS_FILE)
+        sys.stdout.write(
+            f"registered detector@{info.version} in {registry.root} (parent {info.card.parent_version}); "
+            f"promote with: roadlabel models promote detector {info.version} --registry {registry.root}\n"
+        )
     return 0
+
+
+def _resolve_base(args: argparse.Namespace) -> tuple[Path | None, Path | None, Registry | None]:
+    """--base and --registry -> (base ONNX path, its checkpoint or None, the registry to add the result to)."""
+    registry = open_registry(args.registry)
+    if args.base is None:
+        return None, None, registry
+    if args.base.endswith(".onnx"):
+        path = Path(args.base)
+        if not path.is_file():
+            raise SystemExit(f"--base: expected an .onnx file with its card beside it, got {path} (no such file)")
+        beside = path.parent / "checkpoint.pt"
+        return path, (beside if beside.is_file() else None), registry
+    task, version = parse_model_spec(args.base)
+    if task != "detector":
+        raise SystemExit(f"--base: expected a detector version, got {args.base!r}")
+    if registry is None:
+        raise SystemExit(f"--base {args.base}: expected --registry DIR or ${REGISTRY_ENV_VAR} to find it")
+    info = registry.get(task, version)
+    return info.model_path, info.checkpoint, registry

@@ -29,9 +29,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from services.backbones.from_onnx import ConversionError, load_onnx_weights
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
-from services.common.errors import InputError
-from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256, load_card
+from services.common.errors import InputError, ModelError
+from services.common.modelcard import ModelCard, atomic_write_bytes, card_path_for, file_sha256, load_card
+from services.detector.frozen import evaluate_onnx_detector, frozen_scene_filter, load_detector_manifest
 from services.detector.train.augment import AugmentSettings, CropBatch, CropSampler
 from services.detector.train.data import (
     SceneSet,
@@ -57,6 +59,7 @@ from services.detector.train.targets import encode_targets
 __all__ = [
     "CARD_FILE",
     "MODEL_FILE",
+    "WEIGHTS_FILE",
     "TrainEvent",
     "TrainResult",
     "TrainSettings",
@@ -71,6 +74,8 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "detector.onnx"
 CARD_FILE = "detector.card.json"
+WEIGHTS_FILE = "weights-fp16.pt"
+"""EMA weights only, fp16: what the registry stores as a version's ``checkpoint.pt``."""
 _FROZEN_FEATURES = 4  # MobileNetV2 stem + first blocks (strides 2 and 4): generic edges, 27% of the MACs
 MIN_BOX_FRAME_PX = 10.0
 """Card ``extra["min_box_px"]``: boxes with a side below this many frame pixels are dropped when decoding. GTSDB's
@@ -108,6 +113,12 @@ class TrainSettings(BaseModel):
     )
     threads: int | None = Field(None, ge=1, description="torch CPU threads; default: one per core")
     max_steps: int | None = Field(None, ge=1, description="stop each epoch after this many steps (smoke tests)")
+    base: Path | None = Field(None, description="fine-tune from this ONNX model (card beside it)")
+    base_checkpoint: Path | None = Field(None, description="torch checkpoint of the base (else ONNX converted back)")
+    frozen: Path | None = Field(
+        None, description="frozen manifest: its scenes are never trained on; with it, they are the validation set"
+    )
+    data_root: Path | None = Field(None, description="folder holding the frozen set's source folder")
 
     @model_validator(mode="after")
     def _input_multiple_of_32(self) -> TrainSettings:
@@ -306,10 +317,16 @@ def evaluate_model(
     return match_detections(detections, ground_truth, 0.5)
 
 
-def _set_train_mode(net: SignDetectorNet) -> None:
+def _set_train_mode(net: SignDetectorNet, *, freeze_bn: bool = False) -> None:
     net.train()
     for layer in list(net.features.children())[:_FROZEN_FEATURES]:
         layer.eval()  # frozen BatchNorm statistics as well as weights
+    if freeze_bn:
+        # Fine-tuning: a base converted from ONNX has its BatchNorms folded into the convolutions (identity BN,
+        # running statistics 0/1); batch statistics would undo that, so every BN stays in eval mode.
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
 
 
 def _precision(device: torch.device, choice: str) -> str:
@@ -358,12 +375,27 @@ def _load_split(settings: TrainSettings, emit: Callable[[TrainEvent], None], thr
         emit(TrainEvent(f"load:{stage}", done, total))
 
     scenes = load_scenes(settings.data, threads=threads, on_progress=progress)
+    if settings.frozen is not None:
+        manifest = load_detector_manifest(settings.frozen)
+        is_frozen = frozen_scene_filter(manifest)
+        frozen_names = [n for n in scenes.names if is_frozen(settings.data, settings.data / n)]
+        if len(frozen_names) != len(manifest["scenes"]):
+            raise InputError(
+                f"frozen set {settings.frozen}: expected its {len(manifest['scenes'])} scenes in --data "
+                f"{settings.data} (the validation set of a fine-tune), found {len(frozen_names)}"
+            )
+        train_names = [n for n in scenes.names if n not in set(frozen_names)]
+        return scenes.subset(train_names), _letterboxed(scenes, frozen_names, settings)
     if settings.val_images >= len(scenes):
         raise InputError(
             f"validation split: expected fewer val images than the {len(scenes)} scenes in {settings.data}, "
             f"got val_images={settings.val_images}"
         )
     train_names, val_names = split_scenes(scenes, settings.val_images, settings.seed)
+    return scenes.subset(train_names), _letterboxed(scenes, val_names, settings)
+
+
+def _letterboxed(scenes: SceneSet, val_names: list[str], settings: TrainSettings) -> _ValSet:
     val_scenes = scenes.subset(val_names)
     fill = pad_colour(IMAGENET_MEAN)
     inputs = np.empty((len(val_scenes), *settings.input_hw, 3), np.uint8)
@@ -372,7 +404,7 @@ def _load_split(settings: TrainSettings, emit: Callable[[TrainEvent], None], thr
         inputs[i], scale = letterbox(image, settings.input_hw, fill)
         scales.append(scale)
     hws = [(int(im.shape[0]), int(im.shape[1])) for im in val_scenes.images]
-    return scenes.subset(train_names), _ValSet(inputs, scales, hws, val_scenes.boxes, val_names)
+    return _ValSet(inputs, scales, hws, val_scenes.boxes, val_names)
 
 
 def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], None] | None = None) -> TrainResult:
@@ -390,6 +422,7 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     threads = min(4, os.cpu_count() or 1)
 
+    base_card = _base_card(settings)
     train_scenes, val = _load_split(settings, emit, threads)
     patches = (
         load_gtsrb_patches(
@@ -409,7 +442,10 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         seed=settings.seed,
     )
 
-    net = build_model(channels=settings.channels).to(device)
+    if base_card is None:
+        net = build_model(channels=settings.channels).to(device)
+    else:
+        net = _base_net(settings, base_card).to(device)
     for p in list(net.features.children())[:_FROZEN_FEATURES]:
         p.requires_grad_(False)
     # channels_last helps on CUDA; on CPU it makes this network's depthwise backward ~7x slower (torch 2.13).
@@ -456,7 +492,7 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
     # their own OpenMP team next to the training step's and both slow down ~4x on 2 cores: make them in line.
     batches = _prefetch(make_batch, total_steps) if device.type == "cuda" else map(make_batch, range(total_steps))
     for epoch in range(1, settings.epochs + 1):
-        _set_train_mode(net)
+        _set_train_mode(net, freeze_bn=base_card is not None)
         sums: dict[str, float] = {}
         signs = pasted = 0
         for b in range(steps_per_epoch):
@@ -515,8 +551,79 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
         "precision": precision,
     }
     result = _finish(ema, settings, val, aug, checkpoint, history, train_info, started)
+    if base_card is not None or settings.frozen is not None:
+        result = _with_provenance(result, settings, base_card, ema)
     emit(TrainEvent("export", 1, 1))
     return result
+
+
+def _base_card(settings: TrainSettings) -> ModelCard | None:
+    if settings.base is None:
+        return None
+    card = load_card(card_path_for(settings.base))
+    if card.task != "detector" or tuple(card.class_names) != ("traffic_sign",):
+        raise ModelError(
+            f"--base {card.name} {card.version}: expected a one-class sign detector ('traffic_sign'), got task "
+            f"{card.task} with classes {list(card.class_names)[:5]}; fine-tuning keeps the class list"
+        )
+    if settings.frozen is None:
+        raise InputError("detector --base: expected a frozen validation manifest (settings.frozen), got none")
+    return card
+
+
+def _base_net(settings: TrainSettings, card: ModelCard) -> SignDetectorNet:
+    """The base network: from its checkpoint when there is one, else converted back from its ONNX file."""
+    net = SignDetectorNet(settings.channels)
+    if settings.base_checkpoint is not None:
+        state = torch.load(settings.base_checkpoint, map_location="cpu", weights_only=True)
+        try:
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state["model"].items()})
+        except (KeyError, RuntimeError) as exc:
+            raise ModelError(
+                f"{settings.base_checkpoint}: expected a detector checkpoint with {settings.channels} channels ({exc})"
+            ) from exc
+    else:
+        assert settings.base is not None
+        try:
+            load_onnx_weights(net, settings.base, torch.zeros(1, 3, 64, 64))
+        except ConversionError as exc:
+            raise ModelError(f"--base {card.version}: {exc} (--channels must be the base's)") from exc
+    log.info("fine-tuning the detector from %s", card.version)
+    return net
+
+
+def _with_provenance(
+    result: TrainResult, settings: TrainSettings, base_card: ModelCard | None, ema: SignDetectorNet
+) -> TrainResult:
+    """Parent version, frozen-set figures (measured on the exported ONNX) and fp16 weights for the registry."""
+    card = result.card
+    update: dict[str, Any] = {"parent_version": base_card.version if base_card is not None else None}
+    if settings.frozen is not None:
+        manifest = load_detector_manifest(settings.frozen)
+        root = settings.data_root or settings.data.parent
+        if not (root / manifest["gtsdb_dir"]).is_dir():
+            root = settings.data.parent
+            manifest = manifest | {"gtsdb_dir": settings.data.name}  # the frozen scenes were found there by sha256
+        figures = evaluate_onnx_detector(result.model_path, manifest, root, card=card)
+        update["metrics"] = card.metrics | {"frozen": figures}
+    update["extra"] = card.extra | {
+        "initialised_from": "ImageNet"
+        if base_card is None
+        else ("checkpoint" if settings.base_checkpoint else f"converted from {base_card.version} ONNX")
+    }
+    card = ModelCard.model_validate(card.model_dump() | update)
+    card.save(settings.out / CARD_FILE)
+    weights = settings.out / WEIGHTS_FILE
+    tmp = weights.with_suffix(".tmp")
+    torch.save(
+        {
+            "model": {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()},
+            "settings": json.loads(settings.model_dump_json()),
+        },
+        tmp,
+    )
+    tmp.replace(weights)
+    return TrainResult(result.model_path, load_card(settings.out / CARD_FILE), result.history)
 
 
 def export_checkpoint(
