@@ -15,7 +15,7 @@ PIP_INSTALL = $(PY) -m pip install $(if $(wildcard $(WHEELS)),--find-links $(WHE
 # Source packages: type-checked with mypy --strict. Tests are checked too, with the relaxations in pyproject.toml.
 SRC = services gateway tracking
 
-.PHONY: help install fmt lint test test-gpu bench demo
+.PHONY: help install fmt lint test test-gpu bench demo experiment
 
 help:  ## List the targets.
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -55,3 +55,6 @@ demo:  ## A synthetic 1280x720 drive past eight real signs (needs ../shared/data
 
 bench:  ## Measure frames per second for each pipeline stage on the synthetic clip.
 	$(PY) tests/bench/run.py
+
+experiment:  ## Learning-loop experiment (needs ../shared/data): docs/experiment.{md,png}, runs/experiment/results.json.
+	$(PY) -m services.classifier.train.experiment --out runs/experiment --docs docs
