@@ -297,7 +297,8 @@ def bench_review(long_s: float = 7200.0, short_s: float = 120.0, sign_every_s: f
     ]
     out = sys.stdout
     out.write(
-        f"\nreviewer page: {long_s / 3600:.1f} h recording vs {short_s / 60:.0f} min recording (videos {made_s:.0f} s)\n"
+        f"\nreviewer page: {long_s / 3600:.1f} h recording vs {short_s / 60:.0f} min recording "
+        f"(videos made in {made_s:.0f} s)\n"
     )
     for rid in ("long", "short"):
         s = sizes[rid]

@@ -175,7 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--seconds", type=float, default=1.0, help="time per round per case")
     parser.add_argument(
-        "--only", choices=["classifier", "detector", "video", "gateway", "review"], help="run one bench (default: all of them)"
+        "--only",
+        choices=["classifier", "detector", "video", "gateway", "review"],
+        help="run one bench (default: all of them)",
     )
     parser.add_argument("--video-rounds", type=int, default=3, help="rounds per video case (each labels a clip)")
     parser.add_argument("--video-frames", type=int, default=150, help="frames per synthetic clip")
