@@ -63,6 +63,7 @@ __all__ = [
     "frozen_figures_of",
     "open_registry",
     "parse_model_spec",
+    "resolve_base",
 ]
 
 Task = Literal["classifier", "detector"]
@@ -444,6 +445,33 @@ def open_registry(path: Path | None, *, seed_from: Path | None = None) -> Regist
     registry = Registry(chosen)
     registry.seed(seed_from or default_models_dir())
     return registry
+
+
+def resolve_base(
+    spec: str | None, registry_dir: Path | None, task: Task
+) -> tuple[Path | None, Path | None, Registry | None]:
+    """A training's ``--base`` and ``--registry`` -> (base ONNX path, its checkpoint or None, the registry to add
+    the new version to). ``spec`` is a path to an .onnx (its card beside it) or ``TASK@VERSION`` / ``TASK``.
+
+    Raises:
+        InputError: The file is missing, the version names another task, or a version is named without a registry.
+    """
+    registry = open_registry(registry_dir)
+    if spec is None:
+        return None, None, registry
+    if spec.endswith(".onnx"):
+        path = Path(spec)
+        if not path.is_file():
+            raise InputError(f"--base: expected an .onnx file with its card beside it, got {path} (no such file)")
+        beside = path.parent / "checkpoint.pt"
+        return path, (beside if beside.is_file() else None), registry
+    named, version = parse_model_spec(spec)
+    if named != task:
+        raise InputError(f"--base: expected a {task} version, got {spec!r}")
+    if registry is None:
+        raise InputError(f"--base {spec}: expected --registry DIR or ${REGISTRY_ENV_VAR} to find it")
+    info = registry.get(named, version)
+    return info.model_path, info.checkpoint, registry
 
 
 def _whoami() -> str:

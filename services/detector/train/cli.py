@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Never
 
-from services.common.registry import REGISTRY_ENV_VAR, Registry, open_registry, parse_model_spec
+from services.common.errors import InputError
+from services.common.registry import Registry, resolve_base
 from services.detector.frozen import default_manifest_path
 
 __all__ = ["add_arguments", "run"]
@@ -191,19 +192,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _resolve_base(args: argparse.Namespace) -> tuple[Path | None, Path | None, Registry | None]:
     """--base and --registry -> (base ONNX path, its checkpoint or None, the registry to add the result to)."""
-    registry = open_registry(args.registry)
-    if args.base is None:
-        return None, None, registry
-    if args.base.endswith(".onnx"):
-        path = Path(args.base)
-        if not path.is_file():
-            raise SystemExit(f"--base: expected an .onnx file with its card beside it, got {path} (no such file)")
-        beside = path.parent / "checkpoint.pt"
-        return path, (beside if beside.is_file() else None), registry
-    task, version = parse_model_spec(args.base)
-    if task != "detector":
-        raise SystemExit(f"--base: expected a detector version, got {args.base!r}")
-    if registry is None:
-        raise SystemExit(f"--base {args.base}: expected --registry DIR or ${REGISTRY_ENV_VAR} to find it")
-    info = registry.get(task, version)
-    return info.model_path, info.checkpoint, registry
+    try:
+        return resolve_base(args.base, args.registry, "detector")
+    except InputError as exc:
+        raise SystemExit(str(exc)) from exc

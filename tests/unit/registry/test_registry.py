@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from services.common.errors import InputError, ModelError
-from services.common.registry import PromotionRefused, Registry, compare_frozen, parse_model_spec
+from services.common.registry import PromotionRefused, Registry, compare_frozen, parse_model_spec, resolve_base
 from tests.unit.registry.helpers import classifier_figures, make_model
 
 
@@ -157,3 +157,22 @@ def test_model_specs() -> None:
             continue
         with pytest.raises(InputError, match="expected 'classifier'"):
             parse_model_spec(bad)
+
+
+def test_a_training_base_is_a_file_or_a_registry_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ROADLABEL_REGISTRY", raising=False)
+    registry = _seeded(tmp_path)
+    path, checkpoint, reg = resolve_base("classifier@v1", tmp_path / "reg", "classifier")
+    assert path == registry.resolve("classifier@v1")
+    assert checkpoint is None
+    assert reg is not None
+    assert reg.root == registry.root
+    onnx = registry.resolve("detector")
+    assert resolve_base(str(onnx), None, "detector")[:2] == (onnx, None)
+    assert resolve_base(None, None, "classifier") == (None, None, None)
+    with pytest.raises(InputError, match="expected a classifier version"):
+        resolve_base("detector@d1", tmp_path / "reg", "classifier")
+    with pytest.raises(InputError, match="expected --registry DIR"):
+        resolve_base("classifier@v1", None, "classifier")
+    with pytest.raises(InputError, match="no such file"):
+        resolve_base(str(tmp_path / "gone.onnx"), None, "classifier")
