@@ -16,6 +16,7 @@ goal is that a 2-hour recording scrubs as smoothly as a short one (ratio near 1)
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -284,6 +285,8 @@ def bench_review(long_s: float = 7200.0, short_s: float = 120.0, sign_every_s: f
                         prev[k] += got[k]
                     prev["open_s"] = min(prev["open_s"], got["open_s"])
                     prev["js_heap_mb"] = max(prev["js_heap_mb"], got["js_heap_mb"])
+            if os.environ.get("ROADLABEL_DOCS_SCREENSHOTS") == "1":
+                page.screenshot(path=str(REPO / "docs" / "review-2h.png"))  # the long recording, lanes shared
             bp.assert_no_errors()
 
     rows = [
