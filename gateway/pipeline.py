@@ -234,7 +234,6 @@ class _Labeller:
         self.recent: list[_LiveTrack] = []  # ended, but a later track may still continue them
         self.tracks: list[Track] = []
         self.counters = _Counters()
-        self.started_at = datetime.now(UTC).isoformat(timespec="seconds")
 
     # -- detection and tracking -------------------------------------------------------------------------------
 
@@ -408,7 +407,9 @@ class _Labeller:
             and confidence >= threshold
             and not set(reasons) - {"low_confidence"}
         ):
-            review = Review(status="accepted", by=f"auto:{card.version}@{threshold:.4f}", at=self.started_at)
+            # No time: the decision is the run's (the label file's created_at), and label files of the same input
+            # stay identical apart from created_at and timings.
+            review = Review(status="accepted", by=f"auto:{card.version}@{threshold:.4f}")
         order = np.argsort(-probs, kind="stable")[: settings.top_k]
         top_classes = tuple(
             ScoredClass(class_id=_public_id(int(i), card), class_name=_class_name(int(i), card), p=float(probs[i]))
