@@ -286,7 +286,10 @@ def bench_review(long_s: float = 7200.0, short_s: float = 120.0, sign_every_s: f
                     prev["open_s"] = min(prev["open_s"], got["open_s"])
                     prev["js_heap_mb"] = max(prev["js_heap_mb"], got["js_heap_mb"])
             if os.environ.get("ROADLABEL_DOCS_SCREENSHOTS") == "1":
-                page.screenshot(path=str(REPO / "docs" / "review-2h.png"))  # the long recording, lanes shared
+                page.wait_for_function(
+                    "[...document.querySelectorAll('.crops img')].every((i) => i.complete && i.naturalWidth > 0)"
+                )
+                page.screenshot(path=str(REPO / "docs" / "review-2h.png"))  # the long recording
             bp.assert_no_errors()
 
     rows = [
