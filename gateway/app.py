@@ -703,7 +703,8 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         gw.recording(recording_id)
         return [_job_out(j) for j in gw.store.jobs_of(recording_id)]
 
-    def label_file_of(recording_id: str) -> Path:
+    def labelled(recording_id: str) -> tuple[dict[str, Any], Job, Path]:
+        """The recording, its current (finished) job and that job's label file; 409 when not labelled yet."""
         rec = gw.recording(recording_id)
         job: Job | None = rec["job"]
         if job is None or job.status != "done" or job.label_path is None:
@@ -712,7 +713,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             raise ApiError(
                 409, "not_labelled", f"recording {recording_id!r}: not labelled yet, status {status}{detail}"
             )
-        return gw.data_dir / job.label_path
+        return rec, job, gw.data_dir / job.label_path
 
     @app.get(
         "/recordings/{recording_id}/labels",
@@ -728,7 +729,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         """The label file of the recording's current job: with the reviewers' decisions applied (``reviewed``, the
         default), or as the machine wrote it (``machine``)."""
         if view == "machine":
-            return FileResponse(label_file_of(recording_id), media_type="application/json")
+            return FileResponse(labelled(recording_id)[2], media_type="application/json")
         _rec, _job, labels, _actions = await anyio.to_thread.run_sync(reviewed, recording_id)
         return Response(labels.model_dump_json(indent=1), media_type="application/json")
 
@@ -781,9 +782,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
     # -- review ---------------------------------------------------------------------------------------------------
 
     def reviewed(recording_id: str) -> tuple[dict[str, Any], Job, LabelFile, list[dict[str, Any]]]:
-        path = label_file_of(recording_id)
-        rec = gw.recording(recording_id)
-        job: Job = rec["job"]
+        rec, job, path = labelled(recording_id)
         actions = gw.store.review_actions_of(job.id)
         return rec, job, gw.reviewed.reviewed(path, actions), actions
 
@@ -872,8 +871,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         """Undo the latest decision (anyone's); 409 when there is none."""
 
         def undo() -> Response:
-            job: Job = gw.recording(recording_id)["job"]
-            label_file_of(recording_id)  # 409 when not labelled
+            _rec, job, _path = labelled(recording_id)  # 409 when not labelled
             if gw.store.undo_review_action(recording_id, job.id, key.name) is None:
                 raise ApiError(409, "nothing_to_undo", f"recording {recording_id!r}: no decision to undo")
             return state(recording_id)
@@ -927,8 +925,7 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
             raise ApiError(422, "bad_window", f"from_s/to_s: expected a window of at most 600 s, got {from_s}..{to_s}")
 
         def window() -> list[dict[str, Any]]:
-            path = label_file_of(recording_id)
-            job: Job = gw.recording(recording_id)["job"]
+            _rec, job, path = labelled(recording_id)
             return gw.reviewed.boxes(path, gw.store.review_actions_of(job.id)).between(from_s, to_s)
 
         return await anyio.to_thread.run_sync(window)

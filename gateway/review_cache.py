@@ -131,20 +131,13 @@ class ReviewedCache:
     def boxes(self, path: Path, actions: list[dict[str, Any]]) -> BoxIndex:
         """The time index of the reviewed label file's boxes."""
         labels = self.reviewed(path, actions)
+        entry = self._entry(path)
         ids = tuple(int(a["id"]) for a in actions)
         with self._lock:
-            index = self._entries_boxes(path, ids)
-            if index is not None:
-                return index
-        index = BoxIndex.of(labels)
-        with self._lock:
-            for entry in self._entries.values():
-                if ids in entry.reviewed and entry.reviewed[ids] is labels:
+            index = entry.boxes.get(ids)
+        if index is None:
+            index = BoxIndex.of(labels)
+            with self._lock:
+                if ids in entry.reviewed:  # not already evicted: keep it with its state
                     entry.boxes[ids] = index
         return index
-
-    def _entries_boxes(self, path: Path, ids: tuple[int, ...]) -> BoxIndex | None:
-        for key, entry in self._entries.items():
-            if key[0] == str(path) and ids in entry.boxes:
-                return entry.boxes[ids]
-        return None

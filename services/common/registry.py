@@ -314,6 +314,14 @@ class Registry:
                 raise
         return self.get(task, card.version)
 
+    def added_line(self, info: VersionInfo) -> str:
+        """What a training command tells its user after registering ``info``: the version and how to promote it."""
+        task = info.task
+        return (
+            f"registered {task}@{info.version} in {self.root} (parent {info.card.parent_version}); "
+            f"promote with: roadlabel models promote {task} {info.version} --registry {self.root}"
+        )
+
     def seed(self, models_dir: Path) -> list[str]:
         """On first use, register ``models_dir/<task>.onnx`` as version 1 of each task and promote it.
 

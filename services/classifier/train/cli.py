@@ -175,10 +175,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if registry is not None:
         info = registry.add(result.model_path, checkpoint=result.model_path.parent / WEIGHTS_FILE)
-        sys.stdout.write(
-            f"registered classifier@{info.version} in {registry.root} (parent {info.card.parent_version}); "
-            f"promote with: roadlabel models promote classifier {info.version} --registry {registry.root}\n"
-        )
+        sys.stdout.write(registry.added_line(info) + "\n")
     return 0
 
 

@@ -183,10 +183,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if registry is not None:
         info = registry.add(result.model_path, checkpoint=result.model_path.parent / WEIGHTS_FILE)
-        sys.stdout.write(
-            f"registered detector@{info.version} in {registry.root} (parent {info.card.parent_version}); "
-            f"promote with: roadlabel models promote detector {info.version} --registry {registry.root}\n"
-        )
+        sys.stdout.write(registry.added_line(info) + "\n")
     return 0
 
 

@@ -30,6 +30,11 @@ def test_seed_registers_and_promotes_the_committed_models(tmp_path: Path) -> Non
     path = registry.resolve("classifier")
     assert path == tmp_path / "reg" / "classifier" / "versions" / "v1" / "classifier.onnx"
     assert registry.resolve("classifier@v1") == path
+    info = registry.get("classifier", "v1")
+    assert registry.added_line(info) == (
+        f"registered classifier@v1 in {registry.root} (parent {info.card.parent_version}); "
+        f"promote with: roadlabel models promote classifier v1 --registry {registry.root}"
+    )
     history = registry.history("classifier")
     assert len(history) == 1
     assert history[0]["forced"] is False
