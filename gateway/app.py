@@ -44,7 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gateway.exports import export_labels
 from gateway.pipeline import PipelineSettings, file_sha256
 from gateway.review_cache import ReviewedCache
-from gateway.store import ApiKey, Job, Store, open_store
+from gateway.store import ApiKey, DuplicateRecording, Job, Store, open_store
 from gateway.worker import WorkerConfig, WorkerPool
 from services.classifier.tracks import review_priority
 from services.common.errors import InputError, ModelError, UnreadableVideo
@@ -455,16 +455,23 @@ class _Gateway:
         recording_id = secrets.token_hex(8)
         rel = f"recordings/{recording_id}{_suffix(source_name)}"
         os.replace(part, self.data_dir / rel)
-        self.store.add_recording(
-            recording_id=recording_id,
-            sha256=sha256,
-            source_name=source_name,
-            size_bytes=size,
-            path=rel,
-            created_by=key.name,
-            settings=self.default_settings.model_dump(mode="json"),
-            models=self.models(),
-        )
+        try:
+            self.store.add_recording(
+                recording_id=recording_id,
+                sha256=sha256,
+                source_name=source_name,
+                size_bytes=size,
+                path=rel,
+                created_by=key.name,
+                settings=self.default_settings.model_dump(mode="json"),
+                models=self.models(),
+            )
+        except DuplicateRecording as dup:  # the same bytes, stored by another gateway sharing the database
+            (self.data_dir / rel).unlink(missing_ok=True)
+            twin = self.store.get_recording(dup.recording_id)
+            if twin is None:
+                raise ApiError(409, "conflict", "these bytes were stored and deleted meanwhile; upload again") from dup
+            return _recording_out(twin, duplicate=True)
         rec = self.store.get_recording(recording_id)
         assert rec is not None  # noqa: S101 - just written
         return _recording_out(rec)

@@ -40,21 +40,24 @@ from sqlalchemy import (
     func,
     insert,
     select,
+    text,
     update,
 )
 from sqlalchemy.engine import Connection, Row
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.pool import QueuePool
 
 from services.common.errors import ConfigError, InputError
 
 __all__ = [
     "ApiKey",
+    "DuplicateRecording",
     "Job",
     "Role",
     "Store",
     "api_key_hash",
     "metadata",
+    "alembic_config",
     "migrate",
     "open_store",
 ]
@@ -77,6 +80,15 @@ recordings = Table(
     Column("created_by", String(64), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("deleted_at", DateTime(timezone=True), nullable=True),
+    # One live recording per content: concurrent uploads of the same bytes (to one gateway or to several sharing a
+    # PostgreSQL store) cannot both be stored.
+    Index(
+        "ux_recordings_live_sha256",
+        "sha256",
+        unique=True,
+        sqlite_where=text("status != 'deleted'"),
+        postgresql_where=text("status != 'deleted'"),
+    ),
 )
 
 jobs = Table(
@@ -170,6 +182,14 @@ def api_key_hash(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class DuplicateRecording(Exception):
+    """A live recording with the same bytes exists; ``recording_id`` names it."""
+
+    def __init__(self, recording_id: str) -> None:
+        super().__init__(f"a live recording with these bytes exists: {recording_id}")
+        self.recording_id = recording_id
+
+
 @dataclass(frozen=True, slots=True)
 class ApiKey:
     """A valid key's owner."""
@@ -253,15 +273,21 @@ def make_engine(url: str) -> Engine:
     raise ConfigError(f"database URL: expected sqlite:///PATH or postgresql+psycopg://..., got {url.split(':')[0]!r}")
 
 
-def migrate(url: str) -> None:
-    """Bring the database at ``url`` to the newest schema with alembic (idempotent)."""
-    from alembic import command
+def alembic_config(url: str) -> Any:  # alembic.config.Config
+    """Alembic's configuration for the database at ``url`` with this package's migrations."""
     from alembic.config import Config
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
     config.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(config, "head")
+    return config
+
+
+def migrate(url: str) -> None:
+    """Bring the database at ``url`` to the newest schema with alembic (idempotent)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
 
 
 def open_store(url: str) -> Store:
@@ -349,23 +375,34 @@ class Store:
         settings: dict[str, Any],
         models: dict[str, str],
     ) -> int:
-        """Store a new recording and queue its first job; returns the job id."""
+        """Store a new recording and queue its first job; returns the job id.
+
+        Raises:
+            DuplicateRecording: A live recording with these bytes was stored first (by this process or another
+                one sharing the database); nothing was written.
+        """
         now = _now()
-        with self._tx() as conn:
-            conn.execute(
-                insert(recordings).values(
-                    id=recording_id,
-                    sha256=sha256,
-                    source_name=source_name,
-                    size_bytes=size_bytes,
-                    path=path,
-                    status="queued",
-                    created_by=created_by,
-                    created_at=now,
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    insert(recordings).values(
+                        id=recording_id,
+                        sha256=sha256,
+                        source_name=source_name,
+                        size_bytes=size_bytes,
+                        path=path,
+                        status="queued",
+                        created_by=created_by,
+                        created_at=now,
+                    )
                 )
-            )
-            job_id = self._queue(conn, recording_id, settings, models, created_by, now)
-            self._audit(conn, created_by, "upload", recording_id, {"sha256": sha256, "size_bytes": size_bytes})
+                job_id = self._queue(conn, recording_id, settings, models, created_by, now)
+                self._audit(conn, created_by, "upload", recording_id, {"sha256": sha256, "size_bytes": size_bytes})
+        except IntegrityError:
+            twin = self.find_by_sha256(sha256)
+            if twin is None:
+                raise
+            raise DuplicateRecording(twin["id"]) from None
         return job_id
 
     def _queue(

@@ -118,8 +118,10 @@ def test_twenty_clients_upload_at_once(tmp_path):
         with ThreadPoolExecutor(20) as pool:
             codes = list(pool.map(send, enumerate(bodies)))
         assert proc.poll() is None
-        assert codes[:16] == [201] * 16
-        assert codes[16:] == [422, 422, 200, 422]
+        # Bodies 0 and 18 are the same bytes, sent at once: whichever is stored first gets 201, the other its twin.
+        assert sorted([codes[0], codes[18]]) == [200, 201]
+        assert codes[1:16] == [201] * 15
+        assert [codes[16], codes[17], codes[19]] == [422, 422, 422]
         listed = httpx2.get(f"http://127.0.0.1:{port}/recordings", headers=headers).json()
         assert listed["total"] == 16
     assert len(list((data / "recordings").iterdir())) == 16

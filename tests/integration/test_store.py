@@ -8,11 +8,12 @@ import uuid
 from collections import Counter
 
 import pytest
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, text
 
-from gateway.store import Store, make_engine, metadata, migrate, open_store
+from gateway.store import DuplicateRecording, Store, alembic_config, make_engine, metadata, migrate, open_store
 from services.common.errors import ConfigError, InputError
 
 
@@ -143,6 +144,71 @@ def test_rerun_delete_and_audit(store):
     assert [a["action"] for a in store.audit_of("r1")] == ["upload", "rerun", "delete"]
     items, total = store.list_recordings()
     assert (items, total) == ([], 0)
+
+
+def add_same_bytes(store: Store, rid: str) -> int:
+    return store.add_recording(
+        recording_id=rid,
+        sha256="ab" * 32,
+        source_name=f"{rid}.mp4",
+        size_bytes=10,
+        path=f"recordings/{rid}.mp4",
+        created_by="alice",
+        settings={},
+        models={"detector": "d", "classifier": "c"},
+    )
+
+
+def test_one_live_recording_per_content_even_from_concurrent_stores(store, url):
+    # Eight stores (as eight gateways sharing the database would have) add the same bytes at once: one wins.
+    outcomes: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def gateway(n: int) -> None:
+        own = Store(make_engine(url))
+        start.wait()
+        try:
+            add_same_bytes(own, f"g{n}")
+            outcome = "stored"
+        except DuplicateRecording as dup:
+            outcome = f"twin of {dup.recording_id}"
+        finally:
+            own.close()
+        with lock:
+            outcomes.append(outcome)
+
+    threads = [threading.Thread(target=gateway, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winner = store.find_by_sha256("ab" * 32)["id"]
+    assert sorted(outcomes) == sorted(["stored", *[f"twin of {winner}"] * 7])
+    assert store.list_recordings()[1] == 1
+    assert len(store.jobs_of(winner)) == 1
+    # Once deleted, the same bytes may be uploaded again.
+    store.delete_recording(winner, "bob")
+    add_same_bytes(store, "again")
+    assert store.find_by_sha256("ab" * 32)["id"] == "again"
+
+
+def test_migration_0003_names_live_duplicates_instead_of_failing_obscurely(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    command.upgrade(alembic_config(url), "0002")
+    engine = make_engine(url)
+    with engine.begin() as conn:
+        for rid in ("a", "b"):
+            conn.execute(
+                text(
+                    "INSERT INTO recordings (id, sha256, source_name, size_bytes, path, status, created_by, created_at)"
+                    " VALUES (:id, :sha, 'x.mp4', 1, 'recordings/x.mp4', 'done', 'alice', '2026-11-22 00:00:00')"
+                ),
+                {"id": rid, "sha": "cd" * 32},
+            )
+    engine.dispose()
+    with pytest.raises(RuntimeError, match="at most one live recording per sha256, got 1 duplicated: cdcdcdcdcdcd"):
+        migrate(url)
 
 
 def test_upload_offsets_move_only_from_where_they_are(store):

@@ -119,6 +119,28 @@ def test_same_bytes_are_recognised(client, keys, clip):
     assert client.get("/recordings", headers=keys["reviewer"]).json()["total"] == 1
 
 
+def test_same_bytes_stored_by_another_gateway_meanwhile(client, keys, clip, settings, monkeypatch):
+    # Another gateway sharing the database stores the same bytes between this one's twin check and its insert:
+    # the database's unique index refuses the second row, and this gateway answers with the twin.
+    first = upload(client, keys["uploader"], clip).json()
+    real = Store.find_by_sha256
+    calls: list[str] = []
+
+    def late_twin(self: Store, sha256: str) -> dict[str, object] | None:
+        calls.append(sha256)
+        return None if len(calls) == 1 else real(self, sha256)  # the gateway's own check misses it
+
+    monkeypatch.setattr(Store, "find_by_sha256", late_twin)
+    again = upload(client, keys["uploader"], clip, name="copy.mp4")
+    assert again.status_code == 200
+    assert again.json()["id"] == first["id"]
+    assert again.json()["duplicate"] is True
+    assert len(calls) == 2  # the check, then the store's lookup after the refused insert
+    assert client.get("/recordings", headers=keys["reviewer"]).json()["total"] == 1
+    assert [p.name for p in (settings.data_dir / "recordings").iterdir()] == [f"{first['id']}.mp4"]
+    assert list((settings.data_dir / "tmp").iterdir()) == []
+
+
 @pytest.mark.parametrize(
     ("body", "ctype", "status", "code"),
     [
