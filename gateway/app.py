@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mts")
 _CHUNK = 1 << 20
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_REVIEW_ATTEMPTS = 5  # a decision is checked again this many times while others keep arriving
 
 
 class GatewaySettings(BaseSettings):
@@ -858,18 +859,29 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         """Record one decision (saved at once, with who and when); answers the new state."""
 
         def record() -> Response:
-            _rec, job, labels, _actions = reviewed(recording_id)
             try:
                 action = ReviewAction(**body.model_dump(), by=key.name, at=datetime.now(UTC).isoformat())
             except ValidationError as exc:
                 first = exc.errors()[0]
                 raise ApiError(422, "bad_review_action", str(first["msg"]).removeprefix("Value error, ")) from exc
-            try:
-                apply_review(labels, [action])  # refuse what cannot apply before storing it
-            except InputError as exc:
-                raise ApiError(422, "bad_review_action", str(exc)) from exc
-            gw.store.add_review_action(recording_id, job.id, action.model_dump(mode="json"), key.name)
-            return state(recording_id)
+            for _attempt in range(_REVIEW_ATTEMPTS):
+                _rec, job, labels, actions = reviewed(recording_id)
+                try:
+                    apply_review(labels, [action])  # refuse what cannot apply before storing it
+                except InputError as exc:
+                    raise ApiError(422, "bad_review_action", str(exc)) from exc
+                after = int(actions[-1]["id"]) if actions else None
+                stored = gw.store.add_review_action(
+                    recording_id, job.id, action.model_dump(mode="json"), key.name, after=after
+                )
+                if stored is not None:
+                    return state(recording_id)
+                # Another decision was saved or undone meanwhile: check this one again against the new state.
+            raise ApiError(
+                409,
+                "review_conflict",
+                f"recording {recording_id!r}: other decisions kept arriving while this one was checked; send it again",
+            )
 
         return await anyio.to_thread.run_sync(record)
 

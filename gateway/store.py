@@ -658,9 +658,20 @@ class Store:
 
     # -- review -------------------------------------------------------------------------------------------------------
 
-    def add_review_action(self, recording_id: str, job_id: int, action: dict[str, Any], actor: str) -> int:
-        """Store one reviewer decision on a job's label file (and audit it); returns its id."""
+    def add_review_action(
+        self, recording_id: str, job_id: int, action: dict[str, Any], actor: str, *, after: int | None
+    ) -> int | None:
+        """Store one reviewer decision on a job's label file (and audit it); returns its id.
+
+        ``after`` is the id of the latest decision (not undone) that the new one was checked against, None when
+        there was none. When another decision was stored or undone since, nothing is stored and None is returned:
+        the caller checks the decision again, so that replaying the stored decisions never meets one that cannot
+        apply (an accept of a track another reviewer merged away meanwhile, say).
+        """
         with self._tx() as conn:
+            self._lock_reviews(conn, job_id)
+            if self._latest_review_id(conn, job_id) != after:
+                return None
             result = conn.execute(
                 insert(review_actions).values(
                     recording_id=recording_id, job_id=job_id, action=action, actor=actor, at=_now()
@@ -668,6 +679,25 @@ class Store:
             )
             self._audit(conn, actor, f"review:{action['action']}", recording_id, {"job_id": job_id, **action})
         return int(result.inserted_primary_key[0])  # type: ignore[index]
+
+    @staticmethod
+    def _lock_reviews(conn: Connection, job_id: int) -> None:
+        """Serialise the writers of one job's decisions until the transaction ends.
+
+        A write first: it takes SQLite's write lock before anything is read (a read first would let a concurrent
+        writer make this transaction's snapshot stale, and its write fail), and the job row's lock on PostgreSQL,
+        so the reads that follow see every decision committed before.
+        """
+        conn.execute(update(jobs).where(jobs.c.id == job_id).values(attempts=jobs.c.attempts))
+
+    @staticmethod
+    def _latest_review_id(conn: Connection, job_id: int) -> int | None:
+        latest = conn.execute(
+            select(func.max(review_actions.c.id)).where(
+                review_actions.c.job_id == job_id, review_actions.c.undone_at.is_(None)
+            )
+        ).scalar()
+        return None if latest is None else int(latest)
 
     def review_actions_of(self, job_id: int) -> list[dict[str, Any]]:
         """A job's decisions not undone, oldest first."""
@@ -682,6 +712,7 @@ class Store:
     def undo_review_action(self, recording_id: str, job_id: int, actor: str) -> dict[str, Any] | None:
         """Undo the job's latest decision not yet undone; returns it, or None when there is none."""
         with self._tx() as conn:
+            self._lock_reviews(conn, job_id)
             row = conn.execute(
                 select(review_actions)
                 .where(review_actions.c.job_id == job_id, review_actions.c.undone_at.is_(None))

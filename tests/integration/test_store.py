@@ -213,6 +213,43 @@ def test_migration_0003_names_live_duplicates_instead_of_failing_obscurely(tmp_p
         migrate(url)
 
 
+def test_a_decision_is_stored_only_after_the_one_it_was_checked_against(store, url):
+    add(store, "r1")
+    job_id = store.claim_job("w", 30).id
+    decide = {"action": "accept", "track_id": 1}
+    first = store.add_review_action("r1", job_id, decide, "alice", after=None)
+    assert first is not None
+    assert store.add_review_action("r1", job_id, decide, "bob", after=None) is None  # checked before `first`
+    second = store.add_review_action("r1", job_id, decide, "bob", after=first)
+    assert second is not None
+    assert store.undo_review_action("r1", job_id, "bob")["id"] == second
+    assert store.add_review_action("r1", job_id, decide, "carol", after=second) is None  # second is undone
+    # Eight reviewers (own connections, as several gateways would have) decide at once against the same state:
+    # one decision is stored, none fails with a database error.
+    outcomes: list[bool] = []
+    lock = threading.Lock()
+    start = threading.Barrier(8)
+
+    def reviewer(n: int) -> None:
+        own = Store(make_engine(url))
+        start.wait()
+        try:
+            stored = own.add_review_action("r1", job_id, decide, f"r{n}", after=first) is not None
+        finally:
+            own.close()
+        with lock:
+            outcomes.append(stored)
+
+    threads = [threading.Thread(target=reviewer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(outcomes) == [False] * 7 + [True]
+    assert [a["actor"] for a in store.review_actions_of(job_id)][0] == "alice"
+    assert len(store.review_actions_of(job_id)) == 2
+
+
 def test_upload_offsets_move_only_from_where_they_are(store):
     uid = store.create_upload(100, "a.mp4", {}, "alice")
     assert store.advance_upload(uid, 0, 40)

@@ -7,6 +7,7 @@ from fastapi.testclient import TestClient
 
 from gateway.app import GatewaySettings, ReviewState, create_app
 from gateway.exports import read_cvat_video
+from gateway.store import Store
 from services.common.labelfile import LabelFile, Review, save_label_file
 from tests.unit.gateway.test_label_exports import label_file, track
 
@@ -106,6 +107,41 @@ def test_merge_and_split_through_the_api(env):
     assert state["tracks"] == 3
     state = do(client, keys, action="split", track_id=3, frame=11).json()
     assert sorted(q["track_id"] for q in state["queue"]) == [1, 3, 4, 5]
+
+
+def test_a_decision_made_stale_by_another_reviewer_is_checked_again(env, monkeypatch):
+    # Reviewer 2's decision is stored after reviewer 1's was checked, before it is stored. Stored as it was checked,
+    # an accept of a track merged away meanwhile could never be replayed: each decision is checked again.
+    client, keys = env
+    real = Store.add_review_action
+    calls: list[int | None] = []
+    other: list[dict[str, object]] = []
+
+    def meanwhile(
+        self: Store, recording_id: str, job_id: int, action: dict[str, object], actor: str, *, after: int | None
+    ):
+        calls.append(after)
+        if other:
+            decision = {**other.pop(), "by": "reviewer-2", "at": "2026-11-22T00:00:00+00:00"}
+            assert real(self, recording_id, job_id, decision, "reviewer-2", after=after) is not None
+        return real(self, recording_id, job_id, action, actor, after=after)
+
+    monkeypatch.setattr(Store, "add_review_action", meanwhile)
+    other.append({"action": "merge", "track_id": 1, "other_track_id": 2})
+    res = do(client, keys, action="accept", track_id=2)
+    assert calls == [None]  # refused by the store, then by the second check
+    assert res.status_code == 422
+    assert "got track 2" in res.json()["error"]["message"]
+    state = client.get("/recordings/rec1/review", headers=keys["reviewer"]).json()
+    assert (state["tracks"], state["decisions"]) == (3, 1)
+    # A decision that still applies is stored after its second check.
+    calls.clear()
+    other.append({"action": "reject", "track_id": 4})
+    state = do(client, keys, action="accept", track_id=3).json()
+    assert len(calls) == 2
+    assert (state["tracks"], state["decisions"]) == (3, 3)
+    statuses = {q["track_id"]: q["review"]["status"] for q in state["queue"]}
+    assert statuses == {1: "pending", 3: "accepted", 4: "rejected"}
 
 
 @pytest.mark.parametrize(
