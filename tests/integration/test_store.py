@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import pytest
 from alembic import command
@@ -16,6 +18,8 @@ from sqlalchemy import create_engine, text
 import gateway.store
 from gateway.store import DuplicateRecording, Store, alembic_config, make_engine, metadata, migrate, open_store
 from services.common.errors import ConfigError, InputError
+
+T = TypeVar("T")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -91,24 +95,44 @@ def test_api_keys(store):
     assert [k["name"] for k in store.list_api_keys()] == ["alice"]
 
 
-def test_each_job_is_claimed_once_by_concurrent_workers(store, url):
-    for i in range(12):
-        add(store, f"r{i:02d}")
-    claimed: list[int] = []
+def at_once(url: str, n: int, work: Callable[[Store, int], T]) -> list[T]:
+    """``work(store, i)`` for i in 0..n-1, each in its own thread with its own connections (as n gateways sharing
+    the database would have), started together; the results in the order they finished. A thread's error fails
+    the test."""
+    results: list[T] = []
     lock = threading.Lock()
+    start = threading.Barrier(n)
 
-    def worker(n: int) -> None:
+    def run(i: int) -> None:
         own = Store(make_engine(url))
-        while (job := own.claim_job(f"w{n}", 30)) is not None:
-            with lock:
-                claimed.append(job.id)
-        own.close()
+        start.wait()
+        try:
+            result = work(own, i)
+        finally:
+            own.close()
+        with lock:
+            results.append(result)
 
-    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert len(results) == n, "a thread failed"
+    return results
+
+
+def test_each_job_is_claimed_once_by_concurrent_workers(store, url):
+    for i in range(12):
+        add(store, f"r{i:02d}")
+
+    def worker(own: Store, n: int) -> list[int]:
+        claimed = []
+        while (job := own.claim_job(f"w{n}", 30)) is not None:
+            claimed.append(job.id)
+        return claimed
+
+    claimed = [job_id for ids in at_once(url, 4, worker) for job_id in ids]
     assert sorted(claimed) == list(range(1, 13))
     assert Counter(claimed).most_common(1)[0][1] == 1
 
@@ -163,28 +187,14 @@ def add_same_bytes(store: Store, rid: str) -> int:
 
 def test_one_live_recording_per_content_even_from_concurrent_stores(store, url):
     # Eight stores (as eight gateways sharing the database would have) add the same bytes at once: one wins.
-    outcomes: list[str] = []
-    lock = threading.Lock()
-    start = threading.Barrier(8)
-
-    def gateway(n: int) -> None:
-        own = Store(make_engine(url))
-        start.wait()
+    def gateway(own: Store, n: int) -> str:
         try:
             add_same_bytes(own, f"g{n}")
-            outcome = "stored"
         except DuplicateRecording as dup:
-            outcome = f"twin of {dup.recording_id}"
-        finally:
-            own.close()
-        with lock:
-            outcomes.append(outcome)
+            return f"twin of {dup.recording_id}"
+        return "stored"
 
-    threads = [threading.Thread(target=gateway, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(url, 8, gateway)
     winner = store.find_by_sha256("ab" * 32)["id"]
     assert sorted(outcomes) == sorted(["stored", *[f"twin of {winner}"] * 7])
     assert store.list_recordings()[1] == 1
@@ -226,25 +236,9 @@ def test_a_decision_is_stored_only_after_the_one_it_was_checked_against(store, u
     assert store.add_review_action("r1", job_id, decide, "carol", after=second) is None  # second is undone
     # Eight reviewers (own connections, as several gateways would have) decide at once against the same state:
     # one decision is stored, none fails with a database error.
-    outcomes: list[bool] = []
-    lock = threading.Lock()
-    start = threading.Barrier(8)
-
-    def reviewer(n: int) -> None:
-        own = Store(make_engine(url))
-        start.wait()
-        try:
-            stored = own.add_review_action("r1", job_id, decide, f"r{n}", after=first) is not None
-        finally:
-            own.close()
-        with lock:
-            outcomes.append(stored)
-
-    threads = [threading.Thread(target=reviewer, args=(n,)) for n in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = at_once(
+        url, 8, lambda own, n: own.add_review_action("r1", job_id, decide, f"r{n}", after=first) is not None
+    )
     assert sorted(outcomes) == [False] * 7 + [True]
     assert [a["actor"] for a in store.review_actions_of(job_id)][0] == "alice"
     assert len(store.review_actions_of(job_id)) == 2
