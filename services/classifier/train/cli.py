@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
 
+from services.backbones.training import TrainBars, TrainEvent, wants_gpu
 from services.classifier.frozen import default_manifest_path
 from services.classifier.train.frozen import resolve_sources
 from services.common.errors import InputError
@@ -81,17 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print per-epoch validation figures; return the exit code."""
-    import torch  # noqa: PLC0415 - training-only dependency, kept out of the serving import path
-    from tqdm import tqdm  # noqa: PLC0415
-
-    from services.classifier.train.loop import (  # noqa: PLC0415
+    from services.classifier.train.loop import (  # noqa: PLC0415 - torch, kept out of the serving import path
         WEIGHTS_FILE,
-        TrainEvent,
         TrainSettings,
         train_classifier,
     )
 
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    on_gpu = wants_gpu(args.device)
     if not 0 < args.auto_accept_precision <= 1:
         raise SystemExit(f"--auto-accept-precision: expected a number in (0, 1], got {args.auto_accept_precision}")
     data = list(args.data)
@@ -129,33 +125,18 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         max_steps=args.max_steps,
     )
-    bars: dict[str, tqdm[Any]] = {}
 
-    def on_event(event: TrainEvent) -> None:
-        if event.stage == "epoch":
-            f = event.figures
-            tqdm.write(
-                f"epoch {event.done}/{event.total}: train loss {f['train_loss']:.4f} acc {f['train_accuracy']:.4f} | "
-                f"val sign acc {f['val_sign_accuracy']:.4f} "
-                f"background rejected {f['val_background_rejection_rate']:.4f} "
-                f"nll {f['val_nll']:.4f} ece {f['val_ece']:.4f}",
-                file=sys.stderr,
-            )
-            return
-        key = event.stage.split(":")[0]
-        bar = bars.get(key)
-        if bar is None or bar.desc != event.stage:
-            if bar is not None:
-                bar.close()
-            bar = bars[key] = tqdm(total=event.total, desc=event.stage, unit="step" if key == "train" else "img")
-        bar.n = event.done
-        if "loss" in event.figures:
-            bar.set_postfix(epoch=int(event.figures["epoch"]), loss=f"{event.figures['loss']:.3f}", refresh=False)
-        bar.refresh()
+    def epoch_line(event: TrainEvent) -> str:
+        f = event.figures
+        return (
+            f"epoch {event.done}/{event.total}: train loss {f['train_loss']:.4f} acc {f['train_accuracy']:.4f} | "
+            f"val sign acc {f['val_sign_accuracy']:.4f} "
+            f"background rejected {f['val_background_rejection_rate']:.4f} "
+            f"nll {f['val_nll']:.4f} ece {f['val_ece']:.4f}"
+        )
 
-    result = train_classifier(settings, on_event)
-    for bar in bars.values():
-        bar.close()
+    with TrainBars(epoch_line, "calibrating on val, exporting ONNX and checking it against torch") as bars:
+        result = train_classifier(settings, bars)
     m = result.card.metrics
     sys.stdout.write(
         f"wrote {result.model_path} ({result.card.version}): val sign accuracy {m['val_sign_accuracy']:.4f}, "

@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Callable
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_imagenet_weights
+from services.backbones.training import TrainEvent, TrainResult, pick_device
 from services.classifier.api import calibrated_log_probs
 from services.classifier.frozen import FrozenCrops, default_data_root, frozen_figures, load_frozen_crops, load_manifest
 from services.classifier.preprocess import resize_crop
@@ -84,31 +85,6 @@ class TrainSettings(BaseModel):
     )
     data_root: Path | None = Field(None, description="folder holding the frozen set's source folders")
     auto_accept_precision: float = Field(0.99, gt=0, le=1, description="target precision of auto-accepted tracks")
-
-
-@dataclass(frozen=True, slots=True)
-class TrainEvent:
-    """Progress of a run: ``stage`` is 'load', 'train', 'epoch' or 'export'."""
-
-    stage: str
-    done: int
-    total: int | None
-    figures: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class TrainResult:
-    """What a run produced."""
-
-    model_path: Path
-    card: ModelCard
-    history: list[dict[str, float]]
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def build_model(num_classes: int, imagenet: bool = True) -> MobileNetV2:
@@ -170,7 +146,7 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
     emit = on_event or (lambda _e: None)
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    device = _device(settings.device)
+    device = pick_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     hw = (settings.input_size, settings.input_size)

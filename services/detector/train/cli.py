@@ -8,8 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Never
 
+from services.backbones.training import TrainBars, TrainEvent, wants_gpu
 from services.common.errors import InputError
 from services.common.registry import Registry, resolve_base
 from services.detector.frozen import default_manifest_path
@@ -89,18 +89,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train and print per-epoch validation figures; return the exit code."""
-    import torch  # noqa: PLC0415 - training-only dependency, kept out of the serving import path
-    from tqdm import tqdm  # noqa: PLC0415
-
-    from services.detector.train.loop import (  # noqa: PLC0415
+    from services.detector.train.loop import (  # noqa: PLC0415 - torch, kept out of the serving import path
         WEIGHTS_FILE,
-        TrainEvent,
         TrainSettings,
         export_checkpoint,
         train_detector,
     )
 
-    on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    on_gpu = wants_gpu(args.device)
     data = args.data / "detection" if (args.data / "detection").is_dir() else args.data
     base_path, base_checkpoint, registry = _resolve_base(args)
     frozen = args.frozen or (default_manifest_path() if base_path is not None else None)
@@ -129,46 +125,23 @@ def run(args: argparse.Namespace) -> int:
             max_steps=args.max_steps,
         )
     )
-    bars: dict[str, tqdm[Never]] = {}
 
-    def on_event(event: TrainEvent) -> None:
-        if event.stage == "epoch":
-            f = event.figures
-            tqdm.write(
-                f"epoch {event.done}/{event.total}: loss {f['train_total']:.3f} (heat {f['train_heat']:.3f} "
-                f"size {f['train_size']:.3f} giou {f['train_giou']:.3f}) | val AP50 {f['val_ap50']:.4f} "
-                f"best F1 {f['val_best_f1']:.3f} at {f['val_threshold']:.2f}: recall {f['val_recall']:.3f}, "
-                f"{f['val_fp_per_image']:.3f} FP/img | {f['seconds']:.0f} s",
-                file=sys.stderr,
-            )
-            return
-        if event.stage == "export":
-            if event.done == 0:
-                tqdm.write(
-                    "choosing the threshold on val, exporting ONNX and checking it against torch", file=sys.stderr
-                )
-            return
-        key = "load" if event.stage.startswith("load") else event.stage
-        bar = bars.get(key)
-        if bar is None or (key in ("load", "val") and (bar.desc != event.stage or event.done < bar.n)):
-            if bar is not None:
-                bar.close()
-            unit = "step" if key == "train" else "img"
-            leave = key not in ("val", "load")
-            bar = bars[key] = tqdm(total=event.total, desc=event.stage, unit=unit, leave=leave, file=sys.stderr)
-        bar.n = event.done
-        if "loss" in event.figures:
-            bar.set_postfix(epoch=int(event.figures["epoch"]), loss=f"{event.figures['loss']:.3f}", refresh=False)
-        bar.refresh()
-
-    if settings is None:
-        result = export_checkpoint(
-            args.export_only, data=args.data, out=args.out, input_hw=args.input_hw, on_event=on_event
+    def epoch_line(event: TrainEvent) -> str:
+        f = event.figures
+        return (
+            f"epoch {event.done}/{event.total}: loss {f['train_total']:.3f} (heat {f['train_heat']:.3f} "
+            f"size {f['train_size']:.3f} giou {f['train_giou']:.3f}) | val AP50 {f['val_ap50']:.4f} "
+            f"best F1 {f['val_best_f1']:.3f} at {f['val_threshold']:.2f}: recall {f['val_recall']:.3f}, "
+            f"{f['val_fp_per_image']:.3f} FP/img | {f['seconds']:.0f} s"
         )
-    else:
-        result = train_detector(settings, on_event)
-    for bar in bars.values():
-        bar.close()
+
+    with TrainBars(epoch_line, "choosing the threshold on val, exporting ONNX and checking it against torch") as bars:
+        if settings is None:
+            result = export_checkpoint(
+                args.export_only, data=args.data, out=args.out, input_hw=args.input_hw, on_event=bars
+            )
+        else:
+            result = train_detector(settings, bars)
     m = result.card.metrics
     sys.stdout.write(
         f"wrote {result.model_path} ({result.card.version}): val AP50 {m['val_ap50']:.4f} on {m['val_images']} "

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from copy import deepcopy
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from torch import nn
 
 from services.backbones.from_onnx import ConversionError, load_onnx_weights
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
+from services.backbones.training import TrainEvent, TrainResult, pick_device
 from services.common.errors import InputError, ModelError
 from services.common.modelcard import ModelCard, atomic_write_bytes, card_path_for, file_sha256, load_card
 from services.detector.frozen import evaluate_onnx_detector, frozen_scene_filter, load_detector_manifest
@@ -125,31 +126,6 @@ class TrainSettings(BaseModel):
         if self.input_hw[0] % 32 or self.input_hw[1] % 32 or min(self.input_hw) <= 0:
             raise ValueError(f"input_hw: expected positive multiples of 32, got {self.input_hw}")
         return self
-
-
-@dataclass(frozen=True, slots=True)
-class TrainEvent:
-    """Progress of a run: ``stage`` is 'load:<what>', 'train', 'val', 'epoch' or 'export'."""
-
-    stage: str
-    done: int
-    total: int | None
-    figures: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, slots=True)
-class TrainResult:
-    """What a run produced."""
-
-    model_path: Path
-    card: ModelCard
-    history: list[dict[str, float]]
-
-
-def _device(choice: str) -> torch.device:
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
 
 
 def _giou_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -417,7 +393,7 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
     emit = on_event or (lambda _e: None)
     started = time.perf_counter()
     torch.manual_seed(settings.seed)
-    device = _device(settings.device)
+    device = pick_device(settings.device)
     if device.type == "cpu":
         torch.set_num_threads(settings.threads or os.cpu_count() or 1)
     threads = min(4, os.cpu_count() or 1)
