@@ -52,6 +52,18 @@ REQUIRED = (
 )
 SERVING_MODULES = tuple(dict.fromkeys((*REQUIRED, *DISCOVERED)))
 
+# Modules of the training packages that must import without torch too: ``roadlabel``'s parser registers the
+# training commands, so a serving install imports their CLIs, and what those import at the top.
+TORCH_FREE_TRAINING = (
+    "services.backbones.training",
+    "services.classifier.train.cli",
+    "services.classifier.train.selftrain_cli",
+    "services.detector.train.cli",
+    "services.detector.train.data",
+    "services.detector.train.evaluate",
+    "services.detector.train.targets",
+)
+
 # Runs in the child interpreter: torch and its submodules raise ModuleNotFoundError, as on a serving install. Prints
 # a JSON object {module: traceback or null}. One interpreter for all modules keeps the test fast; a module whose
 # import needs torch fails however many modules were imported before it.
@@ -101,7 +113,7 @@ def _import_without_torch(*modules: str) -> dict[str, str | None]:
 
 @functools.cache
 def _serving_results() -> dict[str, str | None]:
-    return _import_without_torch(*SERVING_MODULES)
+    return _import_without_torch(*SERVING_MODULES, *TORCH_FREE_TRAINING)
 
 
 def test_discovery_finds_common_and_skips_training():
@@ -109,7 +121,7 @@ def test_discovery_finds_common_and_skips_training():
     assert not [name for name in DISCOVERED if name.startswith("services.backbones")]
 
 
-@pytest.mark.parametrize("module", SERVING_MODULES)
+@pytest.mark.parametrize("module", SERVING_MODULES + TORCH_FREE_TRAINING)
 def test_serving_module_imports_without_torch(module):
     error = _serving_results()[module]
     if error is not None:
