@@ -6,7 +6,6 @@ count), so a wrong or damaged model fails at startup with a ``ModelError`` rathe
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,12 +14,10 @@ import numpy as np
 from services.classifier.api import calibrated_log_probs
 from services.classifier.preprocess import normalize, resize_crops
 from services.common.errors import ConfigError, ModelError
-from services.common.modelcard import ModelCard, card_path_for, load_card, verify_model_file
-from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_session
+from services.common.modelcard import ModelCard, card_path_for, load_card
+from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_model
 
 __all__ = ["OnnxClassifier"]
-
-log = logging.getLogger(__name__)
 
 
 class OnnxClassifier:
@@ -56,18 +53,10 @@ class OnnxClassifier:
         self._path = model_path
         self._batch_size = batch_size
         _check_card(model_path, self._card)
-        verify_model_file(model_path, self._card)
-        self._session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
-        self._check_io()
-        log.info(
-            "classifier loaded",
-            extra={
-                "model": str(model_path),
-                "model_name": self._card.name,
-                "model_version": self._card.version,
-                "providers": self._session.get_providers(),
-            },
+        self._session = open_model(
+            "classifier", model_path, self._card, providers=providers, intra_op_threads=intra_op_threads
         )
+        self._check_io()
 
     @property
     def card(self) -> ModelCard:

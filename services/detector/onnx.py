@@ -7,22 +7,19 @@ later. CUDA is used when the installed onnxruntime has it (the ``onnxruntime-gpu
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from services.common.errors import ModelError
-from services.common.modelcard import ModelCard, card_path_for, load_card, verify_model_file
+from services.common.modelcard import ModelCard, card_path_for, load_card
 from services.common.types import Detections, Frame
 from services.detector.api import DetectorSettings
 from services.detector.postprocess import DetectorSpec, decode, letterbox
-from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_session
+from services.runtime.onnx_session import check_image_input, dim_matches, format_shape, open_model
 
 __all__ = ["OnnxDetector"]
-
-log = logging.getLogger(__name__)
 
 
 class OnnxDetector:
@@ -56,18 +53,10 @@ class OnnxDetector:
         self._card = load_card(card_path_for(model_path)) if card is None else card
         self._path = model_path
         self._spec = DetectorSpec.from_card(self._card, settings)
-        verify_model_file(model_path, self._card)
-        self._session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
-        self._check_io()
-        log.info(
-            "detector loaded",
-            extra={
-                "model": str(model_path),
-                "model_name": self._card.name,
-                "model_version": self._card.version,
-                "providers": self._session.get_providers(),
-            },
+        self._session = open_model(
+            "detector", model_path, self._card, providers=providers, intra_op_threads=intra_op_threads
         )
+        self._check_io()
 
     @property
     def card(self) -> ModelCard:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 
 import onnxruntime as ort
 
 from services.common.errors import ConfigError, ModelError
+from services.common.modelcard import ModelCard, verify_model_file
 
-__all__ = ["DEFAULT_PROVIDERS", "check_image_input", "dim_matches", "format_shape", "open_session"]
+__all__ = ["DEFAULT_PROVIDERS", "check_image_input", "dim_matches", "format_shape", "open_model", "open_session"]
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 """Execution providers tried by default, best first; those the installed onnxruntime build lacks are skipped."""
@@ -47,6 +51,34 @@ def open_session(
         return ort.InferenceSession(str(model_path), sess_options=options, providers=list(providers))
     except Exception as exc:  # onnxruntime's error classes are not a public hierarchy
         raise ModelError(f"{model_path}: expected an ONNX model onnxruntime can load, got an error: {exc}") from exc
+
+
+def open_model(
+    what: str,
+    model_path: Path,
+    card: ModelCard,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int | None = None,
+) -> ort.InferenceSession:
+    """Check ``model_path`` against its card's sha256, open it (see ``open_session``) and log it as ``what``.
+
+    Raises:
+        ModelError: The file is missing, is not the one its card describes, or ONNX Runtime cannot load it.
+        ConfigError: ``intra_op_threads`` is below 1.
+    """
+    verify_model_file(model_path, card)
+    session = open_session(model_path, providers=providers, intra_op_threads=intra_op_threads)
+    log.info(
+        f"{what} loaded",
+        extra={
+            "model": str(model_path),
+            "model_name": card.name,
+            "model_version": card.version,
+            "providers": session.get_providers(),
+        },
+    )
+    return session
 
 
 def dim_matches(dim: int | str | None, expected: int) -> bool:
