@@ -216,6 +216,33 @@ def test_split_undo_and_accept_above_on_a_4k_screen(served, tmp_path):
         assert browser4k.errors == []
 
 
+def test_a_decision_another_reviewer_made_stale_is_refused_and_the_saved_state_shown(browser, served):
+    rid = served.labelled("drive-4.mp4")
+    page = browser.page
+    sign_in(page, served)
+    order = open_recording(page, served, rid)
+    mine = selected(page)
+    keep = next(t for t in order if t != mine)
+    # Another reviewer (another tab, say) merges the selected track into another one.
+    merged = httpx2.post(
+        f"{served.base}/recordings/{rid}/review/actions",
+        json={"action": "merge", "track_id": keep, "other_track_id": mine},
+        headers=served.auth(),
+    )
+    assert merged.status_code == 200
+    page.keyboard.press("a")  # accept the track this page still shows
+    page.wait_for_selector("#alert:not([hidden])")
+    alert = page.inner_text("#alert")
+    assert "Not saved" in alert
+    assert f"got track {mine}" in alert
+    page.wait_for_function(f"!document.querySelector('#q-{mine}')")  # the saved state, with the merge, is shown
+    assert len(page.locator("#queue li").all()) == len(order) - 1
+    state = httpx2.get(f"{served.base}/recordings/{rid}/review", headers=served.auth()).json()
+    assert state["decisions"] == 1
+    # Chromium reports the refused request itself; nothing else went wrong.
+    assert [e for e in browser.errors if "status of 422" not in e] == []
+
+
 def test_an_unreachable_server_is_reported(browser, served):
     rid = served.labelled("drive-3.mp4")
     page = browser.page

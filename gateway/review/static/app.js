@@ -365,7 +365,17 @@ async function decide(view, body) {
     // After a decision, move on to the next undecided track; after a split or merge, stay on the track.
     selectTrack(view, body.action === "split" || body.action === "merge" ? (keep ? before : pending?.track_id ?? null) : (pending?.track_id ?? before));
   } catch (err) {
-    showError(`Not saved: ${err.message}. The decision was not recorded; try again.`);
+    if (err.status === 409 || err.status === 422) {
+      // Refused against the saved state: another reviewer may have decided meanwhile, so show what is saved now.
+      showError(`Not saved: ${err.message}. The decision was not recorded; the saved decisions are shown.`);
+      try {
+        await refreshState(view, null, true);
+        const still = view.state.queue.find((q) => q.track_id === view.selected);
+        selectTrack(view, still ? view.selected : (view.state.queue.find((q) => q.review.status === "pending")?.track_id ?? null));
+      } catch { /* the alert already says the decision was not recorded */ }
+    } else {
+      showError(`Not saved: ${err.message}. The decision was not recorded; try again.`);
+    }
   } finally {
     view.busy = false;
   }
