@@ -38,6 +38,7 @@ from services.common.labelfile import (
     Track,
     save_label_file,
 )
+from services.common.modelcard import file_sha256
 
 REPO = Path(__file__).resolve().parents[2]
 FPS = 25
@@ -254,7 +255,7 @@ def bench_review(long_s: float = 7200.0, short_s: float = 120.0, sign_every_s: f
         data = Path(tmp) / "data"
         sizes = {}
         for rid, video, dur in ((IDS["long"], long_video, long_s), (IDS["short"], short_video, short_s)):
-            labels = label_file_for(rid, f"{len(rid):064x}", dur, sign_every_s, seed=1)
+            labels = label_file_for(rid, file_sha256(video), dur, sign_every_s, seed=1)
             store_labelled(data, rid, video, labels)
             path = next((data / "labels" / rid).glob("*.labels.json"))
             sizes["long" if rid == IDS["long"] else "short"] = {
