@@ -453,6 +453,9 @@ class _Gateway:
         if twin is not None:
             part.unlink(missing_ok=True)
             return _recording_out(self.store.get_recording(twin["id"]) or twin, duplicate=True)
+        # Resolving the models checks their files' sha256 (tens of ms): off the event loop, and before the upload
+        # moves, so that a model error leaves nothing behind.
+        models = await anyio.to_thread.run_sync(self.models)
         recording_id = secrets.token_hex(8)
         rel = f"recordings/{recording_id}{_suffix(source_name)}"
         os.replace(part, self.data_dir / rel)
@@ -465,13 +468,16 @@ class _Gateway:
                 path=rel,
                 created_by=key.name,
                 settings=self.default_settings.model_dump(mode="json"),
-                models=self.models(),
+                models=models,
             )
-        except DuplicateRecording as dup:  # the same bytes, stored by another gateway sharing the database
-            (self.data_dir / rel).unlink(missing_ok=True)
-            twin = self.store.get_recording(dup.recording_id)
+        except BaseException as exc:
+            (self.data_dir / rel).unlink(missing_ok=True)  # no row names the file: it is not stored
+            if not isinstance(exc, DuplicateRecording):
+                raise
+            # The same bytes, stored by another gateway sharing the database.
+            twin = self.store.get_recording(exc.recording_id)
             if twin is None:
-                raise ApiError(409, "conflict", "these bytes were stored and deleted meanwhile; upload again") from dup
+                raise ApiError(409, "conflict", "these bytes were stored and deleted meanwhile; upload again") from exc
             return _recording_out(twin, duplicate=True)
         rec = self.store.get_recording(recording_id)
         assert rec is not None  # noqa: S101 - just written
@@ -782,9 +788,8 @@ def create_app(settings: GatewaySettings, *, start_workers: bool = True) -> Fast
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ApiError(422, "bad_settings", f"settings.{'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
-        gw.store.queue_job(
-            recording_id, merged.model_dump(mode="json"), gw.models(body.detector, body.classifier), key.name
-        )
+        models = await anyio.to_thread.run_sync(gw.models, body.detector, body.classifier)
+        gw.store.queue_job(recording_id, merged.model_dump(mode="json"), models, key.name)
         return _recording_out(gw.recording(recording_id))
 
     # -- review ---------------------------------------------------------------------------------------------------

@@ -141,6 +141,21 @@ def test_same_bytes_stored_by_another_gateway_meanwhile(client, keys, clip, sett
     assert list((settings.data_dir / "tmp").iterdir()) == []
 
 
+def test_a_damaged_model_refuses_the_upload_and_keeps_nothing(client, keys, clip, settings):
+    first = upload(client, keys["uploader"], clip).json()  # seeds the registry in data/models
+    (model,) = (settings.data_dir / "models" / "classifier" / "versions").glob("*/classifier.onnx")
+    model.write_bytes(b"not the registered model")
+    other = make_tiny_video(settings.data_dir.parent / "other.mp4", 48, 32, n_frames=4).path.read_bytes()
+    res = upload(client, keys["uploader"], other, name="other.mp4")
+    assert res.status_code == 422
+    code, message = error_of(res)
+    assert code == "unknown_model"
+    assert "classifier" in message
+    assert [p.name for p in (settings.data_dir / "recordings").iterdir()] == [f"{first['id']}.mp4"]
+    assert list((settings.data_dir / "tmp").iterdir()) == []
+    assert client.get("/recordings", headers=keys["reviewer"]).json()["total"] == 1
+
+
 @pytest.mark.parametrize(
     ("body", "ctype", "status", "code"),
     [
