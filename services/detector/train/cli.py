@@ -13,6 +13,7 @@ from services.backbones.training import TrainBars, TrainEvent, wants_gpu
 from services.common.errors import InputError
 from services.common.registry import Registry, resolve_base
 from services.detector.frozen import default_manifest_path
+from services.detector.train.data import gtsdb_folder
 
 __all__ = ["add_arguments", "run"]
 
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         type=Path,
         required=True,
-        help="GTSDB training folder (gt.txt + scenes), or a dataset folder with detection/ in that layout",
+        help="GTSDB training folder (gt.txt + scenes), or a 'roadlabel dataset build' folder (its detection/images/)",
     )
     parser.add_argument(
         "--base",
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     on_gpu = wants_gpu(args.device)
-    data = args.data / "detection" if (args.data / "detection").is_dir() else args.data
+    data = gtsdb_folder(args.data)
     base_path, base_checkpoint, registry = _resolve_base(args)
     frozen = args.frozen or (default_manifest_path() if base_path is not None else None)
     fine_tune = base_path is not None

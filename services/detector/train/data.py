@@ -26,6 +26,7 @@ __all__ = [
     "SceneSet",
     "SignPatches",
     "data_sha256",
+    "gtsdb_folder",
     "letterbox",
     "letterbox_scale",
     "load_gtsrb_patches",
@@ -87,6 +88,13 @@ class SignPatches:
 
     def __len__(self) -> int:
         return len(self.crops)
+
+
+def gtsdb_folder(data: Path) -> Path:
+    """The GTSDB folder (``gt.txt`` beside the scenes) that ``--data`` names: the folder itself, or inside a
+    ``roadlabel dataset build`` folder its ``detection/images/``."""
+    built = data / "detection" / "images"
+    return built if (built / "gt.txt").is_file() else data
 
 
 def read_gtsdb(root: Path) -> tuple[list[Path], dict[str, np.ndarray]]:

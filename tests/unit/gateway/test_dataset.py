@@ -30,7 +30,7 @@ from services.common.labelfile import (
     save_label_file,
 )
 from services.decode.reader import DecodeSettings, VideoReader
-from services.detector.train.data import read_gtsdb
+from services.detector.train.data import gtsdb_folder, read_gtsdb
 from tests.synthvideo import GtBox, SignSpec, SyntheticVideo, drawn_sign, make_road_video
 
 pytestmark = pytest.mark.usefixtures("restore_root_logger")
@@ -255,7 +255,9 @@ def test_background_folder_reads_as_the_trainers_crop_folder(built, inputs):
 
 def test_detection_folder_reads_as_gtsdb_with_the_reviewed_and_interpolated_boxes(built, inputs, decoded_frames):
     out, summary = built
-    scenes, boxes = read_gtsdb(out / "detection" / "images")
+    assert gtsdb_folder(out) == out / "detection" / "images"  # what 'train detector --data OUT' reads
+    assert gtsdb_folder(out / "detection" / "images") == out / "detection" / "images"
+    scenes, boxes = read_gtsdb(gtsdb_folder(out))
     assert (out / "detection" / "gt.txt").read_bytes() == (out / "detection" / "images" / "gt.txt").read_bytes()
     frames = {r["path"]: r for r in manifest(out) if r["kind"] == "frame"}
     assert sorted(f"detection/images/{p.name}" for p in scenes) == sorted(frames)
