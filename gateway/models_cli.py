@@ -31,6 +31,7 @@ from services.common.registry import (
     Registry,
     Task,
     VersionInfo,
+    is_registered,
     open_registry,
     parse_model_spec,
 )
@@ -227,6 +228,11 @@ def _run_eval(args: argparse.Namespace) -> int:
     info: VersionInfo | None = None
     if args.model.endswith(".onnx"):
         model_path = Path(args.model)
+        if args.write_card and is_registered(model_path):
+            raise InputError(
+                f"--write-card: expected a model outside a registry, got {model_path}, a registered version (versions "
+                "are immutable); evaluate it as TASK@VERSION with --registry to store its figures beside it"
+            )
         card = load_card(card_path_for(model_path))
     else:
         task, version = parse_model_spec(args.model)

@@ -61,6 +61,7 @@ __all__ = [
     "compare_frozen",
     "default_models_dir",
     "frozen_figures_of",
+    "is_registered",
     "open_registry",
     "parse_model_spec",
     "resolve_base",
@@ -443,6 +444,12 @@ class Registry:
 def default_models_dir() -> Path:
     """``<repo>/deploy/models``: the committed models that seed a new registry (an editable install's checkout)."""
     return Path(__file__).resolve().parents[2] / "deploy" / "models"
+
+
+def is_registered(model_path: Path) -> bool:
+    """Whether ``model_path`` is a registered version's file (``REG/<task>/versions/<version>/``): immutable."""
+    folder = model_path.resolve().parent
+    return folder.parent.name == "versions" and (folder / _FILES).is_file()
 
 
 def open_registry(path: Path | None, *, seed_from: Path | None = None) -> Registry | None:

@@ -13,7 +13,7 @@ from gateway.app import GatewaySettings, create_app
 from gateway.cli import main
 from gateway.store import Store
 from gateway.worker import WorkerConfig, _Models, process_one
-from services.common.modelcard import ModelCard, load_card
+from services.common.modelcard import ModelCard, card_path_for, load_card
 from services.common.registry import Registry
 from tests.synthvideo import make_tiny_video
 
@@ -148,6 +148,18 @@ def test_new_jobs_use_the_promoted_version(tmp_path: Path) -> None:
         )
         assert missing.status_code == 422
         assert "nope" in missing.json()["error"]["message"]
+
+
+def test_eval_never_writes_into_a_registered_version(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    registry = Registry(tmp_path / "reg")
+    registry.seed(DEPLOY)
+    info = registry.get("classifier", "promoted")
+    card_before = card_path_for(info.model_path).read_bytes()
+    assert main(["models", "eval", str(info.model_path), "--write-card"]) == 1
+    err = capsys.readouterr().err
+    assert "a registered version (versions are immutable)" in err
+    assert card_path_for(info.model_path).read_bytes() == card_before
+    assert registry.get("classifier", info.version).version == info.version  # still verifies
 
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
