@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     import torch
     from tqdm import tqdm
 
-__all__ = ["TrainBars", "TrainEvent", "TrainResult", "pick_device", "wants_gpu"]
+__all__ = ["WEIGHTS_FILE", "TrainBars", "TrainEvent", "TrainResult", "pick_device", "save_fp16_weights", "wants_gpu"]
+
+WEIGHTS_FILE = "weights-fp16.pt"
+"""The model's weights alone, in fp16: what the registry stores as a version's checkpoint (fine-tuning starts there)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,16 @@ def pick_device(choice: str) -> torch.device:
     import torch  # noqa: PLC0415 - see wants_gpu
 
     return torch.device("cuda" if wants_gpu(choice) else "cpu")
+
+
+def save_fp16_weights(model: torch.nn.Module, path: Path, **extra: Any) -> None:
+    """Write ``model``'s weights in fp16 (half the size; integer buffers as they are) with ``extra``, atomically."""
+    import torch  # noqa: PLC0415 - see wants_gpu
+
+    state = {k: v.half() if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    torch.save({"model": state, **extra}, tmp)
+    tmp.replace(path)
 
 
 class TrainBars:

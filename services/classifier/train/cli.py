@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.backbones.training import TrainBars, TrainEvent, wants_gpu
+from services.backbones.training import WEIGHTS_FILE, TrainBars, TrainEvent, wants_gpu
 from services.classifier.frozen import default_manifest_path
 from services.classifier.train.frozen import resolve_sources
 from services.common.errors import InputError
@@ -82,7 +82,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and print per-epoch validation figures; return the exit code."""
     from services.classifier.train.loop import (  # noqa: PLC0415 - torch, kept out of the serving import path
-        WEIGHTS_FILE,
         TrainSettings,
         train_classifier,
     )

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2, load_imagenet_weights
-from services.backbones.training import TrainEvent, TrainResult, pick_device
+from services.backbones.training import WEIGHTS_FILE, TrainEvent, TrainResult, pick_device, save_fp16_weights
 from services.classifier.api import calibrated_log_probs
 from services.classifier.frozen import FrozenCrops, default_data_root, frozen_figures, load_frozen_crops, load_manifest
 from services.classifier.preprocess import resize_crop
@@ -50,7 +50,6 @@ __all__ = ["TrainEvent", "TrainResult", "TrainSettings", "calibrate", "evaluate_
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "classifier.onnx"
-WEIGHTS_FILE = "weights-fp16.pt"
 """EMA weights only, fp16: what the registry stores as a version's ``checkpoint.pt``."""
 
 
@@ -324,16 +323,7 @@ def train_classifier(settings: TrainSettings, on_event: Callable[[TrainEvent], N
         checkpoint.with_suffix(".tmp"),
     )
     checkpoint.with_suffix(".tmp").replace(checkpoint)
-    # The registry keeps only the EMA weights, in fp16 (half the size; fine-tuning starts from them).
-    slim = out / WEIGHTS_FILE
-    torch.save(
-        {
-            "model": {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()},
-            "version": card.version,
-        },
-        slim.with_suffix(".tmp"),
-    )
-    slim.with_suffix(".tmp").replace(slim)
+    save_fp16_weights(ema, out / WEIGHTS_FILE, version=card.version)  # the EMA weights, for the registry
     emit(TrainEvent("export", 1, 1))
     log.info("classifier trained: %s", json.dumps(metrics))
     return TrainResult(model_path, card, history)

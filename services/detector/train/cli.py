@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from services.backbones.training import TrainBars, TrainEvent, wants_gpu
+from services.backbones.training import WEIGHTS_FILE, TrainBars, TrainEvent, wants_gpu
 from services.common.errors import InputError
 from services.common.registry import Registry, resolve_base
 from services.detector.frozen import default_manifest_path
@@ -91,7 +91,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train and print per-epoch validation figures; return the exit code."""
     from services.detector.train.loop import (  # noqa: PLC0415 - torch, kept out of the serving import path
-        WEIGHTS_FILE,
         TrainSettings,
         export_checkpoint,
         train_detector,

@@ -31,7 +31,7 @@ from torch import nn
 
 from services.backbones.from_onnx import ConversionError, load_onnx_weights
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD
-from services.backbones.training import TrainEvent, TrainResult, pick_device
+from services.backbones.training import WEIGHTS_FILE, TrainEvent, TrainResult, pick_device, save_fp16_weights
 from services.common.errors import InputError, ModelError
 from services.common.modelcard import ModelCard, atomic_write_bytes, card_path_for, file_sha256, load_card
 from services.detector.frozen import evaluate_onnx_detector, frozen_scene_filter, load_detector_manifest
@@ -60,7 +60,6 @@ from services.detector.train.targets import encode_targets
 __all__ = [
     "CARD_FILE",
     "MODEL_FILE",
-    "WEIGHTS_FILE",
     "TrainEvent",
     "TrainResult",
     "TrainSettings",
@@ -75,7 +74,6 @@ log = logging.getLogger(__name__)
 
 MODEL_FILE = "detector.onnx"
 CARD_FILE = "detector.card.json"
-WEIGHTS_FILE = "weights-fp16.pt"
 """EMA weights only, fp16: what the registry stores as a version's ``checkpoint.pt``."""
 _FROZEN_FEATURES = 4  # MobileNetV2 stem + first blocks (strides 2 and 4): generic edges, 27% of the MACs
 MIN_BOX_FRAME_PX = 10.0
@@ -528,7 +526,9 @@ def train_detector(settings: TrainSettings, on_event: Callable[[TrainEvent], Non
     }
     result = _finish(ema, settings, val, aug, checkpoint, history, train_info, started)
     if base_card is not None or settings.frozen is not None:
-        result = _with_provenance(result, settings, base_card, ema)
+        result = _with_provenance(result, settings, base_card)
+    # Every run leaves the weights the registry stores (a stale file from an earlier run is never registered).
+    save_fp16_weights(ema, settings.out / WEIGHTS_FILE, settings=json.loads(settings.model_dump_json()))
     emit(TrainEvent("export", 1, 1))
     return result
 
@@ -568,10 +568,8 @@ def _base_net(settings: TrainSettings, card: ModelCard) -> SignDetectorNet:
     return net
 
 
-def _with_provenance(
-    result: TrainResult, settings: TrainSettings, base_card: ModelCard | None, ema: SignDetectorNet
-) -> TrainResult:
-    """Parent version, frozen-set figures (measured on the exported ONNX) and fp16 weights for the registry."""
+def _with_provenance(result: TrainResult, settings: TrainSettings, base_card: ModelCard | None) -> TrainResult:
+    """Parent version and frozen-set figures (measured on the exported ONNX)."""
     card = result.card
     update: dict[str, Any] = {"parent_version": base_card.version if base_card is not None else None}
     if settings.frozen is not None:
@@ -589,16 +587,6 @@ def _with_provenance(
     }
     card = ModelCard.model_validate(card.model_dump() | update)
     card.save(settings.out / CARD_FILE)
-    weights = settings.out / WEIGHTS_FILE
-    tmp = weights.with_suffix(".tmp")
-    torch.save(
-        {
-            "model": {k: v.half() if v.is_floating_point() else v for k, v in ema.state_dict().items()},
-            "settings": json.loads(settings.model_dump_json()),
-        },
-        tmp,
-    )
-    tmp.replace(weights)
     return TrainResult(result.model_path, load_card(settings.out / CARD_FILE), result.history)
 
 
@@ -634,6 +622,7 @@ def export_checkpoint(
     emit(TrainEvent("export", 0, 1))
     info = {"trained_input_hw": list(trained_hw), "exported_from": str(checkpoint_path)}
     result = _finish(net, settings, val, AugmentSettings(), dict(checkpoint), [], info, started)
+    save_fp16_weights(net, settings.out / WEIGHTS_FILE, settings=json.loads(settings.model_dump_json()))
     emit(TrainEvent("export", 1, 1))
     return result
 

@@ -12,11 +12,12 @@ import pytest
 import torch
 
 from services.backbones.mobilenet_v2 import IMAGENET_MEAN, IMAGENET_STD, MobileNetV2
+from services.backbones.training import WEIGHTS_FILE
 from services.classifier.frozen import load_manifest
 from services.classifier.train.export import export_onnx
 from services.classifier.train.from_onnx import classifier_from_checkpoint, classifier_from_onnx
 from services.classifier.train.frozen import build_classifier_manifest, load_training_crops, resolve_sources
-from services.classifier.train.loop import WEIGHTS_FILE, TrainSettings, train_classifier
+from services.classifier.train.loop import TrainSettings, train_classifier
 from services.common.classes import GTSRB_CLASS_NAMES, NOT_A_SIGN
 from services.common.errors import InputError, ModelError
 from services.common.modelcard import ModelCard, file_sha256, load_card

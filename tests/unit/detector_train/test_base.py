@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from services.backbones.from_onnx import load_onnx_weights
+from services.backbones.training import WEIGHTS_FILE
 from services.common.errors import InputError
 from services.common.modelcard import ModelCard, file_sha256, load_card
 from services.detector.frozen import build_detector_manifest, load_detector_manifest
 from services.detector.train.export import export_onnx
-from services.detector.train.loop import WEIGHTS_FILE, TrainSettings, train_detector
+from services.detector.train.loop import TrainSettings, train_detector
 from services.detector.train.model import SignDetectorInference, SignDetectorNet
 
 INPUT_HW = (64, 96)

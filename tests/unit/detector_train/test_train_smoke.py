@@ -53,7 +53,10 @@ def test_run_reports_progress_and_writes_every_file(trained: Trained) -> None:
         "detector.card.json",
         "detector.onnx",
         "history.json",
+        "weights-fp16.pt",  # what the registry stores, written by every run (not only a fine-tune)
     ]
+    weights = torch.load(out / "weights-fp16.pt", weights_only=True)
+    assert {v.dtype for v in weights["model"].values() if v.is_floating_point()} == {torch.float16}
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 2
     assert all(0 <= h["val_ap50"] <= 1 for h in history)
@@ -116,6 +119,7 @@ def test_checkpoint_reexports_at_another_input_size(trained: Trained, gtsdb_dir:
     card = load_card(tmp_path / "detector.card.json")
     assert card == result.card
     assert card.input_hw == (96, 128)
+    assert (tmp_path / "weights-fp16.pt").is_file()  # a re-export can be registered too
     assert card.extra["val_images"] == load_card(out / "detector.card.json").extra["val_images"]
     assert card.training["trained_input_hw"] == list(INPUT_HW)
     session = ort.InferenceSession(str(tmp_path / "detector.onnx"), providers=["CPUExecutionProvider"])
