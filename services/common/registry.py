@@ -207,8 +207,13 @@ class Registry:
             raise ModelError(f"registry {self.root}: expected {task} version {version!r}, found none (have: {known})")
         card = load_card(card_path_for(model_path))
         if verify:
-            self._verify(folder)
-            verify_model_file(model_path, card)
+            hashed = self._verify(folder)
+            # The ONNX file's sha256 was just checked against files.json: the card must name that same hash.
+            if hashed.get(model_path.name) != card.onnx_sha256:
+                raise ModelError(
+                    f"model file {model_path}: expected sha256 {card.onnx_sha256} (from its card), got "
+                    f"{hashed.get(model_path.name)}; the file is corrupt or does not belong to this card"
+                )
         return VersionInfo(task, version, folder, model_path, card)
 
     def model_path(self, task: Task, version: str = "promoted") -> Path:
@@ -426,7 +431,8 @@ class Registry:
         atomic_write_bytes(folder / "promoted.json", (json.dumps(record, indent=1, sort_keys=True) + "\n").encode())
         return record
 
-    def _verify(self, folder: Path) -> None:
+    def _verify(self, folder: Path) -> dict[str, str]:
+        """Check every file of a version against its ``files.json``; returns those sha256 by file name."""
         manifest = folder / _FILES
         if not manifest.is_file():
             raise ModelError(f"registry version {folder}: expected {_FILES} (sha256 of its files), found nothing")
@@ -439,6 +445,7 @@ class Registry:
                     f"registry version {folder}: expected {name} with sha256 {want[:12]}, got {got[:12]}; "
                     "versions are immutable, this one was changed after registration"
                 )
+        return files
 
 
 def default_models_dir() -> Path:
