@@ -69,12 +69,19 @@ def run(args: argparse.Namespace) -> int:
     """Self-train; return the exit code (2 on bad input)."""
     from services.classifier.train.learning_loop import group_tracks, run_self_training  # noqa: PLC0415
     from services.classifier.train.selftrain import ProductTrainer, load_items  # noqa: PLC0415
-    from services.common.errors import InputError  # noqa: PLC0415
+    from services.common.errors import InputError, ModelError  # noqa: PLC0415
 
     if not 0.0 <= args.threshold <= 1.0 or args.rounds < 0:
         sys.stderr.write(
             f"selftrain: expected --threshold in [0, 1] and --rounds >= 0, got {args.threshold}, {args.rounds}\n"
         )
+        return 2
+    if (args.epochs is not None and args.epochs < 1) or (args.lr is not None and not args.lr > 0):
+        sys.stderr.write(f"selftrain: expected --epochs >= 1 and --lr > 0, got {args.epochs}, {args.lr}\n")
+        return 2
+    missing = [str(p) for p in args.background if not p.is_dir()]
+    if missing:
+        sys.stderr.write(f"selftrain: --background: expected folders, got {', '.join(missing)} (no such folder)\n")
         return 2
     try:
         items = load_items(args.labeled, args.unlabeled)
@@ -133,6 +140,10 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(args.out / "selftrain.json", (json.dumps(body, indent=1) + "\n").encode())
 
     args.out.mkdir(parents=True, exist_ok=True)
-    run_self_training(tracks, labelled, trainer, threshold=args.threshold, rounds=args.rounds, on_round=on_round)
+    try:
+        run_self_training(tracks, labelled, trainer, threshold=args.threshold, rounds=args.rounds, on_round=on_round)
+    except (InputError, ModelError) as exc:  # found while training: an unreadable crop, a base without its card
+        sys.stderr.write(f"selftrain: {exc} (rounds finished before it are in {args.out / 'selftrain.json'})\n")
+        return 2
     sys.stdout.write(f"wrote {args.out / 'selftrain.json'} ({len(records)} rounds)\n")
     return 0

@@ -318,3 +318,25 @@ def test_selftrain_cli_runs_the_product_trainer_on_tiny_data(gtsrb_dir: Path, tm
     assert (
         main(["selftrain", "--labeled", str(gtsrb_dir), "--unlabeled", str(tmp_path / "none"), "--out", str(out)]) == 2
     )
+
+
+def test_selftrain_cli_bad_input_is_a_clear_error(
+    gtsrb_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main
+
+    unlabeled = tmp_path / "crops"
+    unlabeled.mkdir()
+    (unlabeled / "00001_00000.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")  # read only once round 0 trained
+    out = tmp_path / "out"
+    base = ["selftrain", "--device", "cpu", "--labeled", str(gtsrb_dir), "--unlabeled", str(unlabeled), "--out"]
+    quick = ["--epochs", "1", "--max-steps", "1", "--input-size", "32"]
+    assert main([*base, str(out), "--epochs", "0"]) == 2
+    assert "expected --epochs >= 1 and --lr > 0, got 0, None" in capsys.readouterr().err
+    assert main([*base, str(out), "--background", str(tmp_path / "nope"), *quick]) == 2
+    assert f"--background: expected folders, got {tmp_path / 'nope'}" in capsys.readouterr().err
+    assert not out.exists()  # refused before anything was written
+    assert main([*base, str(out), *quick]) == 2
+    err = capsys.readouterr().err
+    assert "00001_00000.png" in err
+    assert "rounds finished before it are in" in err
