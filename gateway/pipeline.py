@@ -24,7 +24,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway.two_stage import crop_boxes
-from services.classifier.api import Classifier, decide
+from services.classifier.api import Classifier
 from services.classifier.tracks import decide_track
 from services.common.classes import NOT_A_SIGN, UNKNOWN
 from services.common.errors import InputError
@@ -377,7 +377,7 @@ class _Labeller:
         card = self.classifier.card
         settings = self.settings
         decision = decide_track(logprobs, card, np.array([c.quality for c in crops], np.float64))
-        per_crop = decide(logprobs, card)
+        per_crop = decision.per_crop
         track_lp = decision.logprobs
         class_id = decision.class_id
         top = int(track_lp.argmax())

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from services.classifier.api import decide
+from services.classifier.api import Decisions, decide
 from services.common.errors import InputError
 from services.common.modelcard import ModelCard
 
@@ -51,6 +51,7 @@ class TrackDecision:
     confidence: float
     crop_agreement: float
     logprobs: np.ndarray  # (K,) track log-probabilities
+    per_crop: Decisions  # each crop's own decision, in the order of the crops given
 
     @property
     def priority(self) -> float:
@@ -65,7 +66,7 @@ def decide_track(logprobs: np.ndarray, card: ModelCard, weights: np.ndarray | No
     per_crop = decide(logprobs.astype(np.float32, copy=False), card)
     confidence = float(np.exp(track_lp[class_id])) if class_id >= 0 else 0.0
     agreement = float((per_crop.class_id == class_id).mean())
-    return TrackDecision(class_id, confidence, agreement, track_lp)
+    return TrackDecision(class_id, confidence, agreement, track_lp, per_crop)
 
 
 def review_priority(confidence: float, crop_agreement: float) -> float:
