@@ -747,6 +747,11 @@ def _write_index(
 
 
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    here = Path.cwd()
+    target = Path(os.path.abspath(out_dir))
+    if target == here or target in here.parents:
+        # The data set is renamed into place as a whole: the folder you are in would be replaced by another one.
+        raise InputError(f"-o {out_dir}: expected a folder outside the current one, got {target}; name a new one")
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"-o {out_dir}: expected a folder for the data set, got a file")
     if out_dir.is_dir() and not overwrite and any(out_dir.iterdir()):
@@ -758,7 +763,11 @@ def _move_into_place(tmp: Path, out_dir: Path, overwrite: bool) -> None:
     old: Path | None = None
     if out_dir.is_dir():
         old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old)  # replaces the empty folder mkdtemp made
+        try:
+            os.replace(out_dir, old)  # replaces the empty folder mkdtemp made
+        except BaseException:
+            old.rmdir()
+            raise
     try:
         os.replace(tmp, out_dir)
     except BaseException:
@@ -801,6 +810,7 @@ def build_dataset(
     """
     settings = settings or DatasetSettings()
     _check_out_dir(out_dir, overwrite)
+    target = Path(os.path.abspath(out_dir))  # '..' or 'a/..' have no name to put the temporary folder beside
     inputs = _load_inputs(find_label_files(label_files), settings)
     finder = _VideoFinder(video_roots, on_progress)
     summary = DatasetSummary(out_dir=out_dir, recordings=len(inputs))
@@ -813,8 +823,8 @@ def build_dataset(
     # Every video is found and checked before anything is decoded: a missing one fails the build at once.
     videos = [finder.find(item) if plan.needed else None for item, plan in zip(inputs, plans, strict=True)]
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.build-", dir=out_dir.parent))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.build-", dir=target.parent))
     try:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the data set is a normal, shareable folder
         outputs = _Outputs()
@@ -824,7 +834,7 @@ def build_dataset(
             if on_progress is not None:
                 on_progress(Progress(item.labels.recording.id, "done", rec_index + 1, len(inputs)))
         _write_index(tmp, inputs, settings, outputs, summary)
-        _move_into_place(tmp, out_dir, overwrite)
+        _move_into_place(tmp, target, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -461,6 +461,22 @@ def test_video_found_under_a_root_by_name_or_by_content(inputs, tmp_path):
     assert find_label_files([labels_dir]) == [labels_dir / "deep" / "whatever.labels.json"]
 
 
+def test_out_dir_is_never_the_current_folder_or_one_around_it(inputs, tmp_path, monkeypatch):
+    here = tmp_path / "here"
+    (here / "sub").mkdir(parents=True)
+    monkeypatch.chdir(here / "sub")
+    for out in (Path("."), Path(".."), here):
+        with pytest.raises(InputError, match="expected a folder outside the current one"):
+            build_dataset([inputs.label_files["b"]], out, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]
+    assert [p.name for p in here.iterdir()] == ["sub"]
+    # A new folder named relative to '..' is fine, and nothing is left beside it.
+    summary = build_dataset([inputs.label_files["b"]], Path("../ds"))
+    assert summary.out_dir == Path("../ds")
+    assert (here / "ds" / "dataset.json").is_file()
+    assert sorted(p.name for p in here.iterdir()) == ["ds", "sub"]
+
+
 def test_out_dir_is_refused_when_not_empty_and_replaced_with_overwrite(inputs, tmp_path, capsys):
     out = tmp_path / "ds"
     out.mkdir()
