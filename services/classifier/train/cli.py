@@ -12,7 +12,7 @@ from pathlib import Path
 from services.backbones.training import WEIGHTS_FILE, TrainBars, TrainEvent, wants_gpu
 from services.classifier.frozen import default_manifest_path
 from services.classifier.train.frozen import resolve_sources
-from services.common.errors import InputError
+from services.common.errors import InputError, ModelError
 from services.common.registry import Registry, resolve_base
 
 __all__ = ["add_arguments", "run"]
@@ -163,5 +163,5 @@ def _resolve_base(args: argparse.Namespace) -> tuple[Path | None, Path | None, R
     """--base and --registry -> (base ONNX path, its checkpoint or None, the registry to add the result to)."""
     try:
         return resolve_base(args.base, args.registry, "classifier")
-    except InputError as exc:
+    except (InputError, ModelError) as exc:  # no such file or version, or a registered one that was changed
         raise SystemExit(str(exc)) from exc

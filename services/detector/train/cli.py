@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from services.backbones.training import WEIGHTS_FILE, TrainBars, TrainEvent, wants_gpu
-from services.common.errors import InputError
+from services.common.errors import InputError, ModelError
 from services.common.registry import Registry, resolve_base
 from services.detector.frozen import default_manifest_path
 from services.detector.train.data import gtsdb_folder
@@ -164,5 +164,5 @@ def _resolve_base(args: argparse.Namespace) -> tuple[Path | None, Path | None, R
     """--base and --registry -> (base ONNX path, its checkpoint or None, the registry to add the result to)."""
     try:
         return resolve_base(args.base, args.registry, "detector")
-    except InputError as exc:
+    except (InputError, ModelError) as exc:  # no such file or version, or a registered one that was changed
         raise SystemExit(str(exc)) from exc

@@ -162,6 +162,15 @@ def test_eval_never_writes_into_a_registered_version(tmp_path: Path, capsys: pyt
     assert registry.get("classifier", info.version).version == info.version  # still verifies
 
 
+@pytest.mark.parametrize("task", ["classifier", "detector"])
+def test_train_base_naming_no_version_is_a_one_line_error(tmp_path: Path, task: str) -> None:
+    Registry(tmp_path / "reg").seed(DEPLOY)
+    argv = ["train", task, "--data", str(tmp_path), "--out", str(tmp_path / "out"), "--registry", str(tmp_path / "reg")]
+    with pytest.raises(SystemExit, match=f"registry .*: expected {task} version 'nope', found none"):
+        main([*argv, "--base", f"{task}@nope"])
+    assert not (tmp_path / "out").exists()
+
+
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 
 
