@@ -12,7 +12,6 @@ judge tracks with :func:`services.classifier.tracks.decide_track`, the pipeline'
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from services.classifier.api import decide
 from services.classifier.calibrate_tracks import choose_auto_accept_threshold
 from services.classifier.tracks import decide_track
 from services.common.errors import InputError
+from services.common.frozen import frozen_manifest_path, manifest_sha256
 from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256
 
 __all__ = [
@@ -50,19 +50,13 @@ _SCHEMA = 1
 
 def default_manifest_path(task: str = "classifier") -> Path:
     """``<repo>/deploy/models/frozen/<task>.json`` of the checkout this package runs from."""
-    return Path(__file__).resolve().parents[2] / "deploy" / "models" / "frozen" / f"{task}.json"
+    return frozen_manifest_path(task)
 
 
 def default_data_root() -> Path:
     """``$ROADLABEL_DATA``, else the shared data folder beside the checkout (``<repo>/../shared/data``)."""
     env = os.environ.get(DATA_ENV_VAR)
     return Path(env) if env else Path(__file__).resolve().parents[3] / "shared" / "data"
-
-
-def manifest_sha256(body: dict[str, Any]) -> str:
-    """sha256 of a manifest's canonical JSON, without its own ``manifest_sha256`` field."""
-    content = {k: v for k, v in body.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,7 +7,6 @@ anywhere); promotions compare AP50 and recall at the operating point on it. No t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -18,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import InputError
+from services.common.frozen import frozen_manifest_path, manifest_sha256
 from services.common.modelcard import ModelCard, atomic_write_bytes, file_sha256
 from services.common.types import Frame, FrameRef
 from services.detector.api import DetectorSettings
@@ -36,12 +36,7 @@ _SCHEMA = 1
 
 def default_manifest_path() -> Path:
     """``<repo>/deploy/models/frozen/detector.json`` of the checkout this package runs from."""
-    return Path(__file__).resolve().parents[2] / "deploy" / "models" / "frozen" / "detector.json"
-
-
-def _manifest_sha256(body: dict[str, Any]) -> str:
-    content = {k: v for k, v in body.items() if k != "manifest_sha256"}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return frozen_manifest_path("detector")
 
 
 def build_detector_manifest(
@@ -71,7 +66,7 @@ def build_detector_manifest(
         "split": {"model_version": model_version, "from": "card.extra.val_images"},
         "scenes": scenes,
     }
-    body["manifest_sha256"] = _manifest_sha256(body)
+    body["manifest_sha256"] = manifest_sha256(body)
     atomic_write_bytes(out, (json.dumps(body, separators=(",", ":"), sort_keys=True) + "\n").encode())
     return body
 
@@ -87,7 +82,7 @@ def load_detector_manifest(path: Path) -> dict[str, Any]:
     body = json.loads(path.read_text(encoding="utf-8"))
     if not isinstance(body, dict) or body.get("task") != "detector" or body.get("schema") != _SCHEMA:
         raise InputError(f"frozen set {path}: expected a detector manifest with schema {_SCHEMA}")
-    if body.get("manifest_sha256") != _manifest_sha256(body):
+    if body.get("manifest_sha256") != manifest_sha256(body):
         raise InputError(f"frozen set {path}: its manifest_sha256 does not match its content; it was edited")
     return body
 
